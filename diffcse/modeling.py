@@ -1,0 +1,143 @@
+"""The sentence encoder: an HF transformer, a pooler, and the optional training heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+
+# SimCSE's names. At inference on a plain HF folder `cls` is the backbone's own pooler output
+# (SimCSE/DiffCSE checkpoints store their MLP there) and `cls_before_pooler` the raw [CLS] state.
+POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
+HEADS = ("none", "mlp", "batchnorm")
+
+
+def pool(
+    outputs: object, attention_mask: torch.Tensor, pooler: str, use_backbone_pooler: bool = False
+) -> torch.Tensor:
+    """Turn a transformer's outputs into one vector per sentence with the named pooler."""
+    last = outputs.last_hidden_state
+    if pooler in ("cls", "cls_before_pooler"):
+        if pooler == "cls" and use_backbone_pooler:
+            pooled = getattr(outputs, "pooler_output", None)
+            if pooled is None:
+                raise ValueError("pooler 'cls' needs a model with a pooler layer; use 'cls_before_pooler'")
+            return pooled
+        return last[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(last.dtype)
+    denom = mask.sum(1).clamp_min(1.0)
+    if pooler == "avg":
+        return (last * mask).sum(1) / denom
+    hidden = outputs.hidden_states
+    if hidden is None:
+        raise ValueError(f"pooler {pooler!r} needs output_hidden_states=True")
+    if pooler == "avg_first_last":
+        both = (hidden[1] + hidden[-1]) / 2.0
+    elif pooler == "avg_top2":
+        both = (hidden[-1] + hidden[-2]) / 2.0
+    else:
+        raise ValueError(f"unknown pooler {pooler!r}; choose from {', '.join(POOLERS)}")
+    return (both * mask).sum(1) / denom
+
+
+class MLPHead(nn.Module):
+    """SimCSE's projection: Linear(H, H) followed by Tanh."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project pooled vectors."""
+        return self.activation(self.dense(x))
+
+
+class BatchNormProjection(nn.Module):
+    """DiffCSE's head: Linear(H,2H) → BN → ReLU → Linear(2H,H) → BN(affine=False), no biases."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(hidden_size, 2 * hidden_size, bias=False),
+            nn.BatchNorm1d(2 * hidden_size),
+            nn.ReLU(inplace=True),
+            nn.Linear(2 * hidden_size, hidden_size, bias=False),
+            nn.BatchNorm1d(hidden_size, affine=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project the whole 2N batch at once so both views share BN statistics."""
+        return self.net(x)
+
+
+def make_head(kind: str, hidden_size: int) -> nn.Module | None:
+    """Build the named training head (or None)."""
+    if kind == "none":
+        return None
+    if kind == "mlp":
+        return MLPHead(hidden_size)
+    if kind == "batchnorm":
+        return BatchNormProjection(hidden_size)
+    raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
+
+
+@dataclass
+class EncoderOutput:
+    """What one encoder pass returns: the pooled vector and the (head-)projected one."""
+
+    pooled: torch.Tensor
+    embedding: torch.Tensor
+
+
+class SentenceEncoder(nn.Module):
+    """An HF encoder with a pooler and an optional head used in training only (mlp_only_train)."""
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        pooler: str = "cls",
+        head: str = "mlp",
+        mlp_only_train: bool = True,
+        use_backbone_pooler: bool = False,
+    ) -> None:
+        super().__init__()
+        if pooler not in POOLERS:
+            raise ValueError(f"unknown pooler {pooler!r}; choose from {', '.join(POOLERS)}")
+        self.backbone = backbone
+        self.pooler = pooler
+        self.head_kind = head
+        self.head = make_head(head, backbone.config.hidden_size)
+        self.mlp_only_train = mlp_only_train
+        self.use_backbone_pooler = use_backbone_pooler
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: object) -> SentenceEncoder:
+        """Load the backbone from an HF folder (or an ST folder's root) and wrap it."""
+        return cls(AutoModel.from_pretrained(path), **kwargs)
+
+    @property
+    def hidden_size(self) -> int:
+        """The backbone's hidden size (the embedding dimension)."""
+        return int(self.backbone.config.hidden_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        """Encode a batch; the head applies in training, and at inference unless mlp_only_train."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        need_hidden = self.pooler in ("avg_first_last", "avg_top2")
+        outputs = self.backbone(**kwargs, output_hidden_states=need_hidden, return_dict=True)
+        pooled = pool(outputs, attention_mask, self.pooler, self.use_backbone_pooler)
+        embedding = pooled
+        if self.head is not None and (self.training or not self.mlp_only_train):
+            embedding = self.head(pooled)
+        return EncoderOutput(pooled=pooled, embedding=embedding)
+

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random HF models built from a config, saved to a tmp dir (offline, fast)."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+WORDS = (
+    "a the man woman child dog cat plays play playing guitar piano music is are was were on in at "
+    "of to and or with without eats food bread apple runs run fast slow red blue green big small "
+    "house car road street city park sits sleeps talks speaks reads book news day night good bad "
+    "happy sad new old young people two three one some many not very quite this that it he she "
+    "they we you i movie film great terrible boring fun love hate like story actor"
+).split()
+
+
+def write_vocab(folder: Path) -> Path:
+    """Write a small uncased WordPiece vocabulary: specials, words, letters and ## pieces."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + ".,!?'-")
+    tokens = specials + sorted(set(WORDS)) + chars + ["##" + c for c in string.ascii_lowercase]
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(dict.fromkeys(tokens)) + "\n")
+    return path
+
+
+def build_tiny_model(folder: Path, arch: str = "bert", seed: int = 0, layers: int = 2) -> Path:
+    """Save a tiny random BERT or DistilBERT (model + fast tokenizer) to folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, DistilBertModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_vocab(folder)
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=64)
+    n_vocab = len(vocab.read_text().split())
+    torch.manual_seed(seed)
+    if arch == "bert":
+        config = BertConfig(
+            vocab_size=n_vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64,
+        )
+        model = BertModel(config)
+    elif arch == "distilbert":
+        config = DistilBertConfig(
+            vocab_size=n_vocab, dim=32, n_layers=layers, n_heads=2, hidden_dim=64,
+            max_position_embeddings=64,
+        )
+        model = DistilBertModel(config)
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT folder (2 layers, hidden 32) with its tokenizer."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny_bert")))
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random DistilBERT folder sharing the tiny BERT's vocabulary."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny_distilbert"), arch="distilbert"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The benchmark data root (DIFFCSE_DATA_DIR); tests that need it skip when it is absent."""
+    root = os.environ.get("DIFFCSE_DATA_DIR")
+    if not root or not Path(root, "senteval").exists():
+        pytest.skip("DIFFCSE_DATA_DIR with senteval/ is not set")
+    return Path(root)
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-sentences made of the tiny vocabulary's words."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
