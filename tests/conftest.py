@@ -32,7 +32,13 @@ def write_vocab(folder: Path) -> Path:
 
 def build_tiny_model(folder: Path, arch: str = "bert", seed: int = 0, layers: int = 2) -> Path:
     """Save a tiny random BERT or DistilBERT (model + fast tokenizer) to folder."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, DistilBertModel
+    from transformers import (
+        BertConfig,
+        BertModel,
+        BertTokenizerFast,
+        DistilBertConfig,
+        DistilBertModel,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_vocab(folder)

@@ -1,0 +1,64 @@
+"""The SimCSE training model: one forward over all views, InfoNCE on the projected vectors."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from diffcse.modeling import EncoderOutput, SentenceEncoder
+from diffcse.objectives.infonce import InfoNCE
+
+
+class ContrastiveModel(nn.Module):
+    """Unsupervised (1 view, duplicated) or supervised (2-3 views) SimCSE as a Trainer-ready module.
+
+    The batch is [N, V, L]; all N·V' rows go through the encoder in one pass (unsupervised: each
+    sentence twice, so dropout gives the two views), and the loss is InfoNCE on z1, z2 (, z3).
+    """
+
+    def __init__(self, encoder: SentenceEncoder, loss: InfoNCE) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.loss = loss
+        self._stats: dict[str, list[float]] = defaultdict(list)
+
+    def encode_views(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[EncoderOutput, torch.Tensor, torch.Tensor, int]:
+        """Run every view of the batch through the encoder at once; return outputs and flat inputs."""
+        if input_ids.dim() != 3:
+            raise ValueError(f"expected input_ids of shape [N, views, L], got {tuple(input_ids.shape)}")
+        n, views, length = input_ids.shape
+        if views == 1:
+            # Same sentence twice in one pass: SimCSE's positive pair is two dropout masks.
+            input_ids = input_ids.expand(n, 2, length)
+            attention_mask = attention_mask.expand(n, 2, length)
+            views = 2
+        flat_ids = input_ids.reshape(n * views, length)
+        flat_mask = attention_mask.reshape(n * views, length)
+        return self.encoder(flat_ids, flat_mask), flat_ids, flat_mask, views
+
+    def contrastive_loss(self, out: EncoderOutput, views: int) -> torch.Tensor:
+        """InfoNCE over the views of an encoder output laid out as [N·views, H]."""
+        z = out.embedding.view(-1, views, out.embedding.size(-1))
+        loss, stats = self.loss(z[:, 0], z[:, 1], z[:, 2] if views == 3 else None)
+        self.record(stats, loss_contrast=loss.item())
+        return loss
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return {'loss': ...} for the Trainer."""
+        out, _, _, views = self.encode_views(input_ids, attention_mask)
+        return {"loss": self.contrastive_loss(out, views)}
+
+    def record(self, stats: dict[str, float] | None = None, **more: float) -> None:
+        """Keep per-step numbers until the next log line averages them."""
+        for key, value in {**(stats or {}), **more}.items():
+            self._stats[key].append(float(value))
+
+    def pop_stats(self) -> dict[str, float]:
+        """Average and clear what record() collected since the last call."""
+        out = {k: sum(v) / len(v) for k, v in self._stats.items() if v}
+        self._stats.clear()
+        return out
