@@ -13,7 +13,10 @@ import numpy as np
 
 from diffcse.config import OBJECTIVES, PRECISIONS, TrainConfig, load_config
 
-_BOOL_FIELDS = {"mlp_only_train", "do_eval", "resume", "generator_train_mode", "rtd_count_padding"}
+_BOOL_FIELDS = {
+    "mlp_only_train", "do_eval", "resume", "generator_train_mode", "rtd_count_padding",
+    "gather_negatives", "sync_batchnorm",
+}
 _HELP = {
     "model": "HF or sentence-transformers folder (default: the packaged all-MiniLM-L6-v2)",
     "train_file": "one sentence per line (simcse/diffcse) or a CSV sent0,sent1,hard_neg (sup-simcse)",

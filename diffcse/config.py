@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 OBJECTIVES = ("simcse", "sup-simcse", "diffcse")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class TrainConfig:
     max_steps: int = -1
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    precision: str = "fp32"
+    precision: str = "auto"  # auto = bf16 autocast where the hardware has bf16 units, else fp32
     seed: int = 42
     gradient_accumulation_steps: int = 1
     # Evaluation, logging, checkpoints.
@@ -49,6 +49,9 @@ class TrainConfig:
     save_total_limit: int = 2
     resume: bool = False
     dataloader_workers: int = 0
+    # Multi-process (torchrun/accelerate): negatives from every rank, BN statistics over all ranks.
+    gather_negatives: bool = True
+    sync_batchnorm: bool = True
     # DiffCSE (objective: diffcse).
     generator: str = "embedding-neighbours"  # mlm:PATH | embedding-neighbours | random
     mask_ratio: float = 0.30
@@ -88,6 +91,26 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         """Write the config as YAML."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def bf16_supported() -> bool:
+    """Whether bf16 autocast runs on native bf16 units here (CUDA, or x86 with AVX512-BF16/AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """Turn 'auto' into the precision this machine runs fastest without fp16's loss scaling."""
+    if precision != "auto":
+        return precision
+    return "bf16" if bf16_supported() else "fp32"
 
 
 def field_names() -> list[str]:

@@ -15,8 +15,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from diffcse.modeling import POOLERS, SentenceEncoder
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (packaged)"
-# ST pooling modes we can reproduce natively, mapped to our pooler names.
-_ST_POOLING = {"pooling_mode_cls_token": "cls_before_pooler", "pooling_mode_mean_tokens": "avg"}
+# ST pooling modes we can reproduce natively, mapped to our pooler names (ST ≤5 flags, ST 6 names).
+_ST_POOLING = {
+    "pooling_mode_cls_token": "cls_before_pooler", "pooling_mode_mean_tokens": "avg",
+    "cls": "cls_before_pooler", "mean": "avg",
+}
 _NATIVE_MODULES = {"Transformer", "Pooling", "Normalize"}
 DIFFCSE_META = "diffcse_pooling.json"
 
@@ -59,7 +62,11 @@ def read_folder_pooling(path: str) -> dict:
                 info["native"] = False
             elif kind == "Pooling":
                 cfg = json.loads((folder / m["path"] / "config.json").read_text())
-                active = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+                mode = cfg.get("pooling_mode")
+                if mode is not None:
+                    active = [mode] if isinstance(mode, str) else list(mode)
+                else:
+                    active = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
                 if len(active) != 1 or active[0] not in _ST_POOLING:
                     info["native"] = False
                 else:

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from diffcse.config import TrainConfig
+from diffcse.config import TrainConfig, resolve_precision
 from diffcse.data import (
     InputError,
     ViewCollator,
@@ -23,6 +23,7 @@ from diffcse.data import (
     read_triples,
     tokenize_columns,
 )
+from diffcse.distributed import convert_batchnorm
 from diffcse.encoder import encode_tokenized, read_folder_pooling, resolve_model_path
 from diffcse.export import export_model
 from diffcse.modeling import SentenceEncoder
@@ -50,12 +51,20 @@ def build_model(config: TrainConfig, model_path: str, tokenizer: object) -> Cont
         head=config.head,
         mlp_only_train=config.mlp_only_train,
     )
+    if config.sync_batchnorm:
+        convert_batchnorm(encoder)
+    # The backbone's own pooler layer is never used in training; frozen, DDP need not track it.
+    if getattr(encoder.backbone, "pooler", None) is not None:
+        encoder.backbone.pooler.requires_grad_(False)
     loss = InfoNCE(config.temperature, config.hard_negative_weight)
     if config.objective == "diffcse":
         from diffcse.objectives.diffcse import DiffCSEModel
 
-        return DiffCSEModel.from_config(config, encoder, loss, tokenizer, model_path)
-    return ContrastiveModel(encoder, loss)
+        model = DiffCSEModel.from_config(config, encoder, loss, tokenizer, model_path)
+    else:
+        model = ContrastiveModel(encoder, loss)
+    model.gather_negatives = config.gather_negatives
+    return model
 
 
 def load_dataset(config: TrainConfig, tokenizer: object) -> tuple[object, dict]:
@@ -117,6 +126,19 @@ class JsonlLogger(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
+class EvalEvery(TrainerCallback):
+    """Ask the Trainer to evaluate every n optimiser steps."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        """Flag an evaluation on multiples of `steps`."""
+        if state.global_step % self.steps == 0:
+            control.should_evaluate = True
+        return control
+
+
 class ContrastiveTrainer(Trainer):
     """HF Trainer that logs the objective's parts and evaluates STS-B dev, exporting the best."""
 
@@ -126,6 +148,7 @@ class ContrastiveTrainer(Trainer):
         self.run_config = config
         self.export_tokenizer = tokenizer_for_export
         self.best_score = -math.inf
+        self._last_eval: tuple[int, dict] | None = None
         state_file = Path(config.output_dir) / "best.json"
         if config.resume and state_file.exists():
             self.best_score = json.loads(state_file.read_text())["stsb_dev_spearman"]
@@ -141,8 +164,10 @@ class ContrastiveTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:  # noqa: ANN001
         """STS-B dev Spearman; export the encoder to output_dir when it beats the best so far."""
-        if self.scorer is None:
-            return {}
+        if self.scorer is None or not self.args.should_save:
+            return {}  # rank 0 alone evaluates and saves
+        if self._last_eval is not None and self._last_eval[0] == self.state.global_step:
+            return self._last_eval[1]  # the Trainer may ask again at the same step (epoch/training end)
         start = time.perf_counter()
         score = self.scorer(self.model.encoder)
         metrics = {f"{metric_key_prefix}_stsb_spearman": score, f"{metric_key_prefix}_seconds": time.perf_counter() - start}
@@ -151,10 +176,13 @@ class ContrastiveTrainer(Trainer):
             self.export(step=self.state.global_step, score=score)
         metrics[f"{metric_key_prefix}_best_stsb_spearman"] = self.best_score
         self.log(metrics)
+        self._last_eval = (self.state.global_step, metrics)
         return metrics
 
     def export(self, step: int, score: float | None) -> None:
-        """Write the inference model to output_dir and remember which step it came from."""
+        """Write the inference model to output_dir and remember which step it came from (rank 0)."""
+        if not self.args.should_save:
+            return
         out = Path(self.run_config.output_dir)
         export_model(self.model.encoder, self.export_tokenizer, out, self.run_config.max_seq_length)
         record = {"step": step, "stsb_dev_spearman": score}
@@ -183,11 +211,12 @@ def training_arguments(config: TrainConfig, steps_per_epoch: int) -> TrainingArg
         weight_decay=config.weight_decay,
         lr_scheduler_type="linear",
         optim="adamw_torch",
-        bf16=config.precision == "bf16",
-        fp16=config.precision == "fp16",
+        bf16=resolve_precision(config.precision) == "bf16",
+        fp16=resolve_precision(config.precision) == "fp16",
         seed=config.seed,
-        eval_strategy="steps" if config.do_eval else "no",
-        eval_steps=config.eval_steps,
+        # Our evaluation needs no eval_dataset, which the Trainer's own "steps" strategy demands;
+        # EvalEvery triggers it instead.
+        eval_strategy="no",
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -211,8 +240,12 @@ def train(config: TrainConfig) -> dict:
     dataset, data_info = load_dataset(config, tokenizer)
     log.info("training data: %s", data_info)
     model = build_model(config, model_path, tokenizer)
-    scorer = StsbDevScorer(tokenizer, config.max_seq_length, config.senteval_data) if config.do_eval else None
-    config.save(out / "train_config.yaml")
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    scorer = None
+    if config.do_eval and main_process:
+        scorer = StsbDevScorer(tokenizer, config.max_seq_length, config.senteval_data)
+    if main_process:
+        config.save(out / "train_config.yaml")
     steps_per_epoch = len(dataset) // config.batch_size
     args = training_arguments(config, steps_per_epoch)
     trainer = ContrastiveTrainer(
@@ -220,7 +253,7 @@ def train(config: TrainConfig) -> dict:
         args=args,
         train_dataset=dataset,
         data_collator=ViewCollator(tokenizer.pad_token_id),
-        callbacks=[JsonlLogger(out / METRICS_FILE)],
+        callbacks=[JsonlLogger(out / METRICS_FILE)] + ([EvalEvery(config.eval_steps)] if scorer else []),
         scorer=scorer,
         config=config,
         tokenizer_for_export=tokenizer,
@@ -240,7 +273,7 @@ def train(config: TrainConfig) -> dict:
     final = None
     if scorer is not None:
         final = trainer.evaluate()["eval_stsb_spearman"]
-    else:
+    elif not config.do_eval:
         trainer.export(step=trainer.state.global_step, score=None)
     summary = {
         "model": model_path,
@@ -253,7 +286,8 @@ def train(config: TrainConfig) -> dict:
         "stsb_dev_spearman_best": trainer.best_score if scorer is not None else None,
         "data": data_info,
     }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    if main_process:
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / "summary.json")
     return summary

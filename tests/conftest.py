@@ -42,7 +42,8 @@ def build_tiny_model(folder: Path, arch: str = "bert", seed: int = 0, layers: in
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = write_vocab(folder)
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=64)
+    # from_pretrained reads vocab.txt on transformers 4 and 5 alike (v5's constructor ignores vocab_file=).
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True, model_max_length=64)
     n_vocab = len(vocab.read_text().split())
     torch.manual_seed(seed)
     if arch == "bert":
@@ -85,9 +86,9 @@ def data_dir() -> Path:
     return Path(root)
 
 
-def sentences(n: int, seed: int = 0) -> list[str]:
-    """Deterministic pseudo-sentences made of the tiny vocabulary's words."""
+def sentences(n: int, seed: int = 0, words: int | None = None) -> list[str]:
+    """Deterministic pseudo-sentences of the tiny vocabulary's words (each one token)."""
     import random
 
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+    return [" ".join(rng.choice(WORDS) for _ in range(words or rng.randint(3, 12))) for _ in range(n)]

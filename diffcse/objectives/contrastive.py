@@ -7,6 +7,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from diffcse.distributed import gather_with_grad, world
 from diffcse.modeling import EncoderOutput, SentenceEncoder
 from diffcse.objectives.infonce import InfoNCE
 
@@ -18,10 +19,11 @@ class ContrastiveModel(nn.Module):
     sentence twice, so dropout gives the two views), and the loss is InfoNCE on z1, z2 (, z3).
     """
 
-    def __init__(self, encoder: SentenceEncoder, loss: InfoNCE) -> None:
+    def __init__(self, encoder: SentenceEncoder, loss: InfoNCE, gather_negatives: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.loss = loss
+        self.gather_negatives = gather_negatives
         self._stats: dict[str, list[float]] = defaultdict(list)
 
     def encode_views(
@@ -43,8 +45,17 @@ class ContrastiveModel(nn.Module):
     def contrastive_loss(self, out: EncoderOutput, views: int) -> torch.Tensor:
         """InfoNCE over the views of an encoder output laid out as [N·views, H]."""
         z = out.embedding.view(-1, views, out.embedding.size(-1))
-        loss, stats = self.loss(z[:, 0], z[:, 1], z[:, 2] if views == 3 else None)
-        self.record(stats, loss_contrast=loss.item())
+        z1, z2, z3 = z[:, 0], z[:, 1], (z[:, 2] if views == 3 else None)
+        offset = 0
+        rank, size = world()
+        if self.gather_negatives and size > 1:
+            # Every rank's second (and third) views become this rank's negatives; with the
+            # per-rank mean loss and DDP's gradient averaging this is the single-process loss.
+            offset = rank * z1.size(0)
+            z2 = gather_with_grad(z2)
+            z3 = gather_with_grad(z3) if z3 is not None else None
+        loss, stats = self.loss(z1, z2, z3, offset=offset)
+        self.record(stats, loss_contrast=loss.item(), negatives=z2.size(0) - 1 + (0 if z3 is None else z3.size(0)))
         return loss
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
