@@ -50,6 +50,9 @@ def export_model(
         else:
             final = hf_dir
         (final / DIFFCSE_META).write_text(json.dumps(meta, indent=2))
+        if not (final / "modules.json").exists():
+            # A folder without ST modules must not keep an older export's modules.json.
+            (out_dir / "modules.json").unlink(missing_ok=True)
         _replace_contents(final, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

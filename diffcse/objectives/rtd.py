@@ -1,0 +1,51 @@
+"""The replaced-token-detection loss of DiffCSE's conditional discriminator."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ReplacedTokenDetectionLoss(nn.Module):
+    """2-way cross-entropy per position between the discriminator's logits and replaced/kept labels.
+
+    By default the mean runs over attended (non-padding) positions only. With count_padding=True the
+    mean runs over every position of the padded [B, L] batch with padding labelled 'kept', which is
+    what the DiffCSE reference code does (its loss is diluted by the padding share of the batch).
+    """
+
+    def __init__(self, count_padding: bool = False) -> None:
+        super().__init__()
+        self.count_padding = count_padding
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the loss and accuracy on replaced / kept tokens and the replaced fraction (attended positions)."""
+        if logits.shape[:-1] != labels.shape or logits.size(-1) != 2:
+            raise ValueError(f"expected logits [B, L, 2] and labels [B, L], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        attended = attention_mask.bool()
+        labels = labels.long() * attended  # padding is 'kept' (label 0), as in the reference
+        per_token = F.cross_entropy(logits.float().reshape(-1, 2), labels.reshape(-1), reduction="none")
+        if self.count_padding:
+            loss = per_token.mean()
+        else:
+            weights = attended.reshape(-1).to(per_token.dtype)
+            loss = (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+        with torch.no_grad():
+            correct = logits.argmax(-1) == labels
+            replaced = labels.bool() & attended
+            kept = ~labels.bool() & attended
+            stats = {
+                "rtd_acc_replaced": _ratio(correct & replaced, replaced),
+                "rtd_acc_kept": _ratio(correct & kept, kept),
+                "replaced_fraction": _ratio(replaced, attended),
+            }
+        # An empty class (e.g. nothing replaced this step) has no accuracy; leave it out of the average.
+        return loss, {k: v for k, v in stats.items() if v is not None}
+
+
+def _ratio(hits: torch.Tensor, total: torch.Tensor) -> float | None:
+    n = int(total.sum())
+    return float(hits.sum()) / n if n else None

@@ -1,0 +1,23 @@
+"""Errors of the search index; each message names the file, field or input that caused it."""
+
+from __future__ import annotations
+
+
+class SearchIndexError(ValueError):
+    """Base class: a search index or a request to it is unusable as given."""
+
+
+class IndexMismatchError(SearchIndexError):
+    """The index was built with another model or another dimension than the encoder given."""
+
+
+class CorruptIndexError(SearchIndexError):
+    """A file of the index directory is missing, truncated or does not match its checksum."""
+
+
+class IndexFormatError(SearchIndexError):
+    """The manifest is unreadable, lacks a field, or comes from a newer format version."""
+
+
+class EmptyQueryError(SearchIndexError):
+    """A query is empty (no queries, or an empty / whitespace-only text, or a zero vector)."""

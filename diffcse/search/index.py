@@ -1,0 +1,828 @@
+"""SearchIndex: a faiss index (cosine = inner product on L2-normalised vectors) plus a SQLite store.
+
+Layout of an index directory (a crash at any point leaves the previous index usable, because
+the manifest, written last by temp file + rename, is what names the live generation):
+
+    idx/manifest.json              model, dim, metric, kind, params, count, files + checksums
+    idx/gen-000003-1a2b3c4d/index.faiss
+    idx/gen-000003-1a2b3c4d/store.sqlite
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
+
+import faiss
+import numpy as np
+
+from diffcse.search.errors import (
+    CorruptIndexError,
+    EmptyQueryError,
+    IndexMismatchError,
+    SearchIndexError,
+)
+from diffcse.search.manifest import (
+    INDEX_FILE,
+    KINDS,
+    MANIFEST_NAME,
+    STORE_FILE,
+    Manifest,
+    check_file,
+    fsync_dir,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
+from diffcse.search.rwlock import RWLock
+from diffcse.search.store import TextStore
+
+if TYPE_CHECKING:
+    from diffcse.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+IVF_KINDS = ("ivf", "ivfpq")
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "flat": {},
+    "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
+    "ivf": {"nlist": None, "nprobe": None, "train_size": 100_000},
+    "ivfpq": {"nlist": None, "nprobe": None, "m": None, "nbits": 8, "train_size": 100_000},
+}
+
+
+class SearchResult(NamedTuple):
+    """One hit: the stored id and text, the cosine score, and the metadata given at add time."""
+
+    id: int
+    text: str
+    score: float
+    metadata: dict | None
+
+
+def resolve_params(kind: str, params: dict | None) -> dict[str, Any]:
+    """The kind's defaults overlaid with params; unknown names are an error naming them."""
+    if kind not in KINDS:
+        raise SearchIndexError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+    out = dict(DEFAULT_PARAMS[kind])
+    for name, value in (params or {}).items():
+        if name not in out:
+            known = ", ".join(out) or "none"
+            raise SearchIndexError(f"parameter {name!r} does not apply to kind {kind!r} (known: {known})")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SearchIndexError(f"parameter {name!r} must be a positive integer, got {value!r}")
+        out[name] = value
+    return out
+
+
+def auto_nlist(n_expected: int, n_train: int) -> int:
+    """Inverted lists: about 4*sqrt(N), but at most n_train/39 so k-means has enough points per list."""
+    return max(1, min(int(round(4 * math.sqrt(max(n_expected, 1)))), n_train // 39))
+
+
+def auto_pq_m(dim: int) -> int:
+    """PQ sub-quantizers: the largest divisor of dim giving at least 4 dimensions each."""
+    return max(m for m in range(1, max(dim // 4, 1) + 1) if dim % m == 0)
+
+
+def _check_vectors(vectors: object, dim: int, what: str) -> np.ndarray:
+    """A C-contiguous float32 [n, dim] copy, L2-normalised; errors name what and the bad row."""
+    arr = np.asarray(vectors)
+    if arr.ndim == 1 and what == "query":
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise SearchIndexError(f"{what} vectors must be a 2-D array [n, {dim}], got shape {arr.shape}")
+    if arr.shape[1] != dim:
+        raise IndexMismatchError(f"{what} vectors have dimension {arr.shape[1]} but the index has dimension {dim}")
+    if not np.issubdtype(arr.dtype, np.number):
+        raise SearchIndexError(f"{what} vectors must be numeric, got dtype {arr.dtype}")
+    arr = np.array(arr, dtype=np.float32, order="C", copy=True)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        raise SearchIndexError(f"{what} vector #{int(np.argmin(finite))} contains NaN or infinity")
+    norms = np.linalg.norm(arr, axis=1)
+    if (norms == 0).any():
+        bad = int(np.argmin(norms))
+        err = EmptyQueryError if what == "query" else SearchIndexError
+        raise err(f"{what} vector #{bad} is all zeros: cosine similarity is undefined")
+    faiss.normalize_L2(arr)
+    return arr
+
+
+def _check_texts(texts: Sequence[object], what: str) -> list[str]:
+    """Texts as a list; a non-string or empty/whitespace-only entry is an error naming its position."""
+    out = list(texts)
+    for i, text in enumerate(out):
+        if not isinstance(text, str):
+            raise SearchIndexError(f"{what} #{i} is {type(text).__name__}, not str")
+        if not text.strip():
+            err = EmptyQueryError if what == "query" else SearchIndexError
+            raise err(f"{what} #{i} is empty")
+    return out
+
+
+def _encode_metadata(metadata: Sequence[dict | None] | None, n: int) -> list[str | None]:
+    """JSON-encode one metadata object (or None) per item; errors name the item."""
+    if metadata is None:
+        return [None] * n
+    metadata = list(metadata)
+    if len(metadata) != n:
+        raise SearchIndexError(f"got {len(metadata)} metadata entries for {n} texts")
+    out: list[str | None] = []
+    for i, meta in enumerate(metadata):
+        if meta is None:
+            out.append(None)
+            continue
+        if not isinstance(meta, dict):
+            raise SearchIndexError(f"metadata #{i} must be a JSON object (dict) or None, not {type(meta).__name__}")
+        try:
+            out.append(json.dumps(meta, allow_nan=False, ensure_ascii=False))
+        except (TypeError, ValueError) as err:
+            raise SearchIndexError(f"metadata #{i} is not JSON-serialisable: {err}") from None
+    return out
+
+
+def _gpu_available() -> bool:
+    """True when this faiss build has GPU support and sees a device."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _model_info(encoder: Encoder) -> dict:
+    """What the manifest records about an encoder, to reload it and to recognise it later."""
+    name = str(encoder.name_or_path)
+    if Path(name).exists():
+        name = str(Path(name).resolve())
+    module = getattr(encoder, "module", None)
+    return {
+        "name_or_path": name,
+        "fingerprint": encoder.fingerprint,
+        "dim": int(encoder.dim),
+        "pooler": getattr(module, "pooler", None) if module is not None else "st",
+        "max_seq_length": getattr(encoder, "max_seq_length", None),
+    }
+
+
+class SearchIndex:
+    """Cosine-similarity search over texts: faiss vectors + SQLite texts/metadata + a manifest.
+
+    Thread-safe: searches run in parallel (shared lock), add/delete are serialised (exclusive).
+    """
+
+    def __init__(self, manifest: Manifest, index: faiss.Index | None, store: TextStore, use_gpu: bool | None = None) -> None:
+        self._manifest = manifest
+        self._index = index
+        self._store = store
+        self._lock = RWLock()
+        self._save_lock = threading.Lock()
+        self._encoder: Encoder | None = None
+        self.path: Path | None = None
+        self._use_gpu = _gpu_available() if use_gpu is None else bool(use_gpu)
+        if self._use_gpu and not _gpu_available():
+            raise SearchIndexError("use_gpu=True but this faiss build has no GPU support or sees no GPU")
+        self._gpu_index: faiss.Index | None = None
+        self._gpu_dirty = True
+        self._gpu_lock = threading.Lock()
+        self._deleted_selector: faiss.IDSelector | None = None
+        self._deleted_batch: faiss.IDSelector | None = None
+        if manifest.kind == "hnsw":
+            self._set_tombstones(store.tombstones())
+
+    # ----------------------------------------------------------------- creation
+
+    @classmethod
+    def create(
+        cls,
+        dim: int,
+        kind: str = "flat",
+        params: dict | None = None,
+        encoder: Encoder | None = None,
+        use_gpu: bool | None = None,
+    ) -> SearchIndex:
+        """An empty index of the given kind and dimension (IVF kinds train on their first add)."""
+        if not isinstance(dim, int) or dim < 1:
+            raise SearchIndexError(f"dim must be a positive integer, got {dim!r}")
+        resolved = resolve_params(kind, params)
+        now = time.time()
+        manifest = Manifest(
+            dim=dim, kind=kind, params=resolved, created_at=now, updated_at=now,
+            versions={"faiss": faiss.__version__, "diffcse": _diffcse_version()},
+        )
+        index = None if kind in IVF_KINDS else cls._new_faiss(kind, dim, resolved)
+        self = cls(manifest, index, TextStore(), use_gpu=use_gpu)
+        if encoder is not None:
+            self.attach_encoder(encoder)
+        return self
+
+    @staticmethod
+    def _new_faiss(kind: str, dim: int, params: dict) -> faiss.Index:
+        """A fresh faiss index with inner-product metric for every kind."""
+        if kind == "flat":
+            return faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+        if kind == "hnsw":
+            hnsw = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = params["ef_construction"]
+            hnsw.hnsw.efSearch = params["ef_search"]
+            return faiss.IndexIDMap(hnsw)
+        quantizer = faiss.IndexFlatIP(dim)
+        # The metric must be passed explicitly: IndexIVF* default to L2 even over an IP quantizer
+        # (the bug in SimCSE's tool.py).
+        if kind == "ivf":
+            ivf = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        else:
+            ivf = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT)
+        ivf.nprobe = params["nprobe"]
+        return ivf
+
+    @classmethod
+    def build(
+        cls,
+        encoder: Encoder,
+        texts: Iterable[str],
+        kind: str = "flat",
+        metadata: Iterable[dict | None] | None = None,
+        params: dict | None = None,
+        chunk_size: int = 8192,
+        batch_size: int = 64,
+        train_texts: Sequence[str] | None = None,
+        expected_count: int | None = None,
+        seed: int = 0,
+        use_gpu: bool | None = None,
+        show_progress: bool = False,
+    ) -> SearchIndex:
+        """Encode texts chunk by chunk and add as it goes; memory is bounded by the chunk.
+
+        IVF kinds train first, on train_texts if given, else on a random sample when texts is a
+        sequence, else on the first train_size texts of the stream (buffered, then added).
+        """
+        self = cls.create(encoder.dim, kind, params, encoder=encoder, use_gpu=use_gpu)
+        if isinstance(texts, str):
+            raise SearchIndexError("texts must be a list or iterable of strings, not one string")
+        if expected_count is None and isinstance(texts, Sequence):
+            expected_count = len(texts)
+        items: Iterator[tuple[str, dict | None]] = (
+            zip(texts, metadata, strict=True) if metadata is not None else ((t, None) for t in texts)
+        )
+        progress = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=expected_count, unit="sent", desc="indexing")
+        pending: list[tuple[str, dict | None]] = []
+        if kind in IVF_KINDS:
+            train_size = self._manifest.params["train_size"]
+            if train_texts is None and isinstance(texts, Sequence) and len(texts) > train_size:
+                rng = random.Random(seed)
+                picks = rng.sample(range(len(texts)), min(train_size, len(texts)))
+                train_texts = [texts[i] for i in sorted(picks)]
+            if train_texts is not None:
+                sample = encoder.encode(_check_texts(train_texts, "training text"), batch_size=batch_size, normalize=True)
+                self.train_vectors(sample, expected_count=expected_count, seed=seed)
+            else:
+                # A one-pass stream (or a list no longer than the sample): the first train_size
+                # items are the sample, biased if the stream is sorted.
+                pending = list(islice(items, train_size))
+                if pending:
+                    texts_p = _check_texts([t for t, _ in pending], "text")
+                    vecs = encoder.encode(texts_p, batch_size=batch_size, normalize=True)
+                    self.train_vectors(vecs, expected_count=expected_count or len(pending), seed=seed)
+                    self.add_vectors(vecs, texts_p, [m for _, m in pending])
+                    if progress is not None:
+                        progress.update(len(pending))
+        while True:
+            chunk = list(islice(items, chunk_size))
+            if not chunk:
+                break
+            self.add([t for t, _ in chunk], [m for _, m in chunk], batch_size=batch_size, chunk_size=chunk_size)
+            if progress is not None:
+                progress.update(len(chunk))
+        if progress is not None:
+            progress.close()
+        return self
+
+    # ----------------------------------------------------------------- persistence
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        encoder: Encoder | str | None = None,
+        verify: bool = True,
+        use_gpu: bool | None = None,
+    ) -> SearchIndex:
+        """Open a saved index directory; encoder='auto' loads the recorded model; verify checks sha256s."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        if isinstance(encoder, str):
+            if encoder != "auto":
+                raise SearchIndexError(f"encoder must be an Encoder, None or 'auto', not {encoder!r}")
+            encoder = load_recorded_encoder(manifest, str(path))
+        gen = path / manifest.generation
+        index_file = gen / manifest.files["index"]["name"]
+        store_file = gen / manifest.files["store"]["name"]
+        check_file(index_file, manifest.files["index"], verify)
+        check_file(store_file, manifest.files["store"], verify)
+        if encoder is not None:
+            _check_encoder(manifest, encoder, str(path))
+        index = None
+        if manifest.files["index"]["bytes"] > 0:
+            try:
+                index = faiss.read_index(str(index_file))
+            except RuntimeError as err:
+                first = str(err).strip().splitlines()
+                raise CorruptIndexError(f"faiss could not read index file {index_file}: {first[-1] if first else err}") from None
+            _check_loaded(index, manifest, index_file)
+        elif manifest.kind not in IVF_KINDS:
+            raise CorruptIndexError(f"index file {index_file} is empty but kind {manifest.kind!r} always has one")
+        store = TextStore(store_file)
+        n_rows = store.count()
+        if n_rows != manifest.count:
+            store.close()
+            raise CorruptIndexError(f"store file {store_file} has {n_rows} rows but the manifest says {manifest.count}")
+        self = cls(manifest, index, store, use_gpu=use_gpu)
+        self.path = path
+        if encoder is not None:
+            self._encoder = encoder
+        return self
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the index to a directory atomically: new generation, then the manifest by rename."""
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise SearchIndexError("save() needs a path: this index was never saved or loaded")
+        target.mkdir(parents=True, exist_ok=True)
+        # Readers may keep searching while we write; only writers (add/delete) must wait.
+        with self._save_lock, _dir_lock(target), self._lock.read():
+            previous = _generation_number(target)
+            staging = target / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            staging.mkdir()
+            try:
+                index_file = staging / INDEX_FILE
+                if self._index is not None:
+                    faiss.write_index(self._index, str(index_file))
+                else:
+                    index_file.write_bytes(b"")
+                with open(index_file, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                self._store.backup_to(staging / STORE_FILE)
+                files = {
+                    key: {"name": name, "bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
+                    for key, name in (("index", INDEX_FILE), ("store", STORE_FILE))
+                }
+                fsync_dir(staging)
+                generation = f"gen-{previous + 1:06d}-{uuid.uuid4().hex[:8]}"
+                os.replace(staging, target / generation)
+                fsync_dir(target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            manifest = Manifest(**{**self._manifest.to_dict(), "generation": generation, "files": files, "updated_at": time.time()})
+            write_json_atomic(target / MANIFEST_NAME, manifest.to_dict())
+            self._manifest = manifest
+            self.path = target
+            _remove_stale(target, keep=generation)
+        return target
+
+    # ----------------------------------------------------------------- encoder
+
+    def attach_encoder(self, encoder: Encoder) -> None:
+        """Use encoder for text queries/adds; refuses one of another model or dimension."""
+        if self._manifest.model is None:
+            if encoder.dim != self._manifest.dim:
+                raise IndexMismatchError(
+                    f"encoder {encoder.name_or_path} gives dimension {encoder.dim} but the index has dimension {self._manifest.dim}"
+                )
+            self._manifest.model = _model_info(encoder)
+        else:
+            _check_encoder(self._manifest, encoder, str(self.path or "this index"))
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Encoder:
+        """The attached encoder; an error if the index was opened without one."""
+        if self._encoder is None:
+            raise SearchIndexError(
+                "this index has no encoder: pass encoder= to SearchIndex.load()/build(), or call attach_encoder()"
+            )
+        return self._encoder
+
+    # ----------------------------------------------------------------- writes
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether vectors can be added (IVF kinds need training first)."""
+        return self._index is not None and bool(self._index.is_trained)
+
+    def train_vectors(self, vectors: np.ndarray, expected_count: int | None = None, seed: int = 0) -> None:
+        """Train an IVF kind on a sample (at most train_size rows are used); no-op for others."""
+        self._train(vectors, expected_count, seed, strict=True)
+
+    def _train(self, vectors: np.ndarray, expected_count: int | None, seed: int, strict: bool) -> None:
+        """Train under the writer lock; strict=False lets a concurrent first add win the race quietly."""
+        if self._manifest.kind not in IVF_KINDS:
+            return
+        with self._lock.write():
+            if self.is_trained:
+                if strict:
+                    raise SearchIndexError("the index is already trained")
+                return
+            sample = _check_vectors(vectors, self._manifest.dim, "training")
+            params = self._manifest.params
+            if len(sample) > params["train_size"]:
+                rows = np.random.default_rng(seed).choice(len(sample), params["train_size"], replace=False)
+                sample = sample[np.sort(rows)]
+            n = len(sample)
+            if n == 0:
+                raise SearchIndexError("cannot train an IVF index on zero vectors")
+            resolved = dict(params)
+            resolved["nlist"] = params["nlist"] or auto_nlist(expected_count or n, n)
+            if resolved["nlist"] > n:
+                raise SearchIndexError(f"nlist={resolved['nlist']} needs at least that many training vectors, got {n}")
+            # nlist/16 lists: recall@10 ~0.95-0.97 on MiniLM vectors in bench_search (nlist/32: ~0.92).
+            resolved["nprobe"] = params["nprobe"] or min(resolved["nlist"], max(16, resolved["nlist"] // 16))
+            if self._manifest.kind == "ivfpq":
+                resolved["m"] = params["m"] or auto_pq_m(self._manifest.dim)
+                if self._manifest.dim % resolved["m"]:
+                    raise SearchIndexError(f"ivfpq parameter m={resolved['m']} must divide the dimension {self._manifest.dim}")
+                if n < 2 ** resolved["nbits"]:
+                    raise SearchIndexError(
+                        f"ivfpq with nbits={resolved['nbits']} needs at least {2 ** resolved['nbits']} training vectors, "
+                        f"got {n}: add more at once, lower nbits, or use kind 'ivf' or 'flat'"
+                    )
+            index = self._new_faiss(self._manifest.kind, self._manifest.dim, resolved)
+            if self._use_gpu:
+                _gpu_clustering(index)
+            index.train(sample)
+            self._index = index
+            self._manifest.params = resolved
+            self._gpu_dirty = True
+
+    def add_vectors(
+        self,
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        metadata: Sequence[dict | None] | None = None,
+    ) -> list[int]:
+        """Add vectors with their texts (and optional metadata dicts); returns the new ids."""
+        texts = _check_texts(texts, "text")
+        vecs = _check_vectors(vectors, self._manifest.dim, "added")
+        if len(vecs) != len(texts):
+            raise SearchIndexError(f"got {len(vecs)} vectors for {len(texts)} texts")
+        metas = _encode_metadata(metadata, len(texts))
+        if not texts:
+            return []
+        if not self.is_trained:
+            self._train(vecs, None, 0, strict=False)
+        with self._lock.write():
+            start = self._manifest.next_id
+            ids = np.arange(start, start + len(texts), dtype=np.int64)
+            try:
+                self._store.add(ids.tolist(), texts, metas)
+                self._index.add_with_ids(vecs, ids)
+            except BaseException:
+                self._store.rollback()
+                raise
+            self._store.commit()
+            self._manifest.next_id = start + len(texts)
+            self._manifest.count += len(texts)
+            self._manifest.ntotal = int(self._index.ntotal)
+            self._gpu_dirty = True
+        return ids.tolist()
+
+    def add(
+        self,
+        texts: Sequence[str],
+        metadata: Sequence[dict | None] | None = None,
+        batch_size: int = 64,
+        chunk_size: int = 8192,
+    ) -> list[int]:
+        """Encode texts with the attached encoder and add them; returns the new ids."""
+        if isinstance(texts, str):
+            raise SearchIndexError("add() takes a list of strings, not one string")
+        texts = _check_texts(texts, "text")
+        metas = list(metadata) if metadata is not None else [None] * len(texts)
+        _encode_metadata(metas, len(texts))  # fail before any encoding
+        ids: list[int] = []
+        for start in range(0, len(texts), chunk_size):
+            part = texts[start : start + chunk_size]
+            vecs = self.encoder.encode(part, batch_size=batch_size, normalize=True)
+            ids += self.add_vectors(vecs, part, metas[start : start + chunk_size])
+        return ids
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Remove items by id; returns how many existed. Unknown ids are ignored."""
+        wanted = [int(i) for i in ids]
+        with self._lock.write():
+            present = self._store.existing(wanted)
+            present = list(dict.fromkeys(present))
+            if not present:
+                return 0
+            hnsw = self._manifest.kind == "hnsw"
+            try:
+                self._store.delete(present, tombstone=hnsw)
+                if not hnsw:
+                    removed = self._index.remove_ids(np.asarray(present, dtype=np.int64))
+                    if removed != len(present):
+                        raise CorruptIndexError(f"faiss removed {removed} of {len(present)} ids present in the store")
+            except BaseException:
+                self._store.rollback()
+                raise
+            self._store.commit()
+            if hnsw:
+                self._set_tombstones(self._store.tombstones())
+            self._manifest.count -= len(present)
+            self._manifest.ntotal = int(self._index.ntotal)
+            self._gpu_dirty = True
+            return len(present)
+
+    def _set_tombstones(self, ids: list[int]) -> None:
+        """HNSW cannot remove vectors: deleted ids are filtered inside the search instead."""
+        if not ids:
+            self._deleted_batch = self._deleted_selector = None
+            return
+        self._deleted_batch = faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))
+        self._deleted_selector = faiss.IDSelectorNot(self._deleted_batch)
+
+    # ----------------------------------------------------------------- reads
+
+    @overload
+    def search(self, queries: str, top_k: int = ..., threshold: float | None = ..., nprobe: int | None = ..., ef_search: int | None = ...) -> list[SearchResult]: ...
+    @overload
+    def search(self, queries: Sequence[str], top_k: int = ..., threshold: float | None = ..., nprobe: int | None = ..., ef_search: int | None = ...) -> list[list[SearchResult]]: ...
+
+    def search(
+        self,
+        queries: str | Sequence[str],
+        top_k: int = 10,
+        threshold: float | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> list[SearchResult] | list[list[SearchResult]]:
+        """Top-k most similar stored texts (score >= threshold) per query; one query -> one list."""
+        single = isinstance(queries, str)
+        batch = _check_texts([queries] if single else list(queries), "query")
+        if not batch:
+            raise EmptyQueryError("no queries given")
+        self._check_search_args(top_k, threshold)
+        vecs = self.encoder.encode(batch, normalize=True)
+        results = self.search_vectors(vecs, top_k=top_k, threshold=threshold, nprobe=nprobe, ef_search=ef_search)
+        return results[0] if single else results
+
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        top_k: int = 10,
+        threshold: float | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> list[list[SearchResult]]:
+        """Top-k hits per query vector (normalised here), scores descending, each >= threshold."""
+        q = _check_vectors(queries, self._manifest.dim, "query")
+        if len(q) == 0:
+            raise EmptyQueryError("no query vectors given")
+        self._check_search_args(top_k, threshold)
+        with self._lock.read():
+            scores, labels = self._raw_search(q, top_k, nprobe, ef_search)
+            found = labels[labels >= 0]
+            rows = self._store.get(found.tolist()) if found.size else {}
+        out: list[list[SearchResult]] = []
+        for drow, lrow in zip(scores, labels, strict=True):
+            hits: list[SearchResult] = []
+            for score, label in zip(drow.tolist(), lrow.tolist(), strict=True):
+                # faiss pads with -1 when fewer than k hits exist (small nprobe, tiny index):
+                # SimCSE's tool.py indexes sentences[-1] with it.
+                if label < 0 or (threshold is not None and score < threshold):
+                    continue
+                row = rows.get(label)
+                if row is not None:
+                    hits.append(SearchResult(int(label), row[0], float(score), row[1]))
+            out.append(hits)
+        return out
+
+    @staticmethod
+    def _check_search_args(top_k: object, threshold: object) -> None:
+        """top_k a positive int, threshold None or a finite number."""
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise SearchIndexError(f"top_k must be a positive integer, got {top_k!r}")
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+        ):
+            raise SearchIndexError(f"threshold must be a finite number or None, got {threshold!r}")
+
+    def _raw_search(self, q: np.ndarray, top_k: int, nprobe: int | None, ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """faiss search with per-call parameters (no shared state mutated, so threads can share it)."""
+        n = len(q)
+        if self._index is None or self._index.ntotal == 0:
+            return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
+        k = min(top_k, int(self._index.ntotal))
+        kind = self._manifest.kind
+        params: faiss.SearchParameters | None = None
+        if kind in IVF_KINDS:
+            probe = nprobe or self._manifest.params["nprobe"]
+            params = faiss.SearchParametersIVF(nprobe=min(int(probe), self._manifest.params["nlist"]))
+        elif kind == "hnsw":
+            ef = max(int(ef_search or self._manifest.params["ef_search"]), k)
+            params = faiss.SearchParametersHNSW(efSearch=ef)
+            if self._deleted_selector is not None:
+                params.sel = self._deleted_selector
+        index = self._search_index()
+        scores, labels = index.search(q, k, params=params)
+        return scores, labels
+
+    def _search_index(self) -> faiss.Index:
+        """The GPU replica when GPU is in use (re-uploaded after writes), else the CPU index."""
+        if not self._use_gpu or self._manifest.kind == "hnsw":
+            return self._index
+        with self._gpu_lock:
+            if self._gpu_dirty or self._gpu_index is None:
+                try:
+                    self._gpu_index = faiss.index_cpu_to_all_gpus(self._index)
+                except RuntimeError as err:
+                    log.warning("faiss GPU copy failed (%s); searching on CPU", err)
+                    self._use_gpu = False
+                    return self._index
+                self._gpu_dirty = False
+            return self._gpu_index
+
+    def get(self, ids: Iterable[int]) -> dict[int, tuple[str, dict | None]]:
+        """Stored (text, metadata) for the ids that exist."""
+        with self._lock.read():
+            return self._store.get(ids)
+
+    # ----------------------------------------------------------------- info
+
+    def __len__(self) -> int:
+        """Number of live (not deleted) items."""
+        return self._manifest.count
+
+    @property
+    def kind(self) -> str:
+        """flat, ivf, hnsw or ivfpq."""
+        return self._manifest.kind
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return self._manifest.dim
+
+    @property
+    def manifest(self) -> Manifest:
+        """A copy of the manifest as it stands in memory."""
+        return Manifest(**self._manifest.to_dict())
+
+    def stats(self) -> dict:
+        """Counts, kind, parameters, model and storage facts, for /stats and `index info`."""
+        with self._lock.read():
+            m = self._manifest
+            return {
+                "kind": m.kind,
+                "count": m.count,
+                "ntotal": int(self._index.ntotal) if self._index is not None else 0,
+                "deleted_tombstones": m.ntotal - m.count if m.kind == "hnsw" else 0,
+                "dim": m.dim,
+                "metric": "cosine (inner product on L2-normalised vectors)",
+                "params": dict(m.params),
+                "trained": self.is_trained,
+                "model": dict(m.model) if m.model else None,
+                "path": str(self.path) if self.path else None,
+                "generation": m.generation or None,
+                "index_file_bytes": m.files.get("index", {}).get("bytes"),
+                "gpu": bool(self._use_gpu and m.kind != "hnsw"),
+                "format_version": m.format_version,
+            }
+
+    def close(self) -> None:
+        """Release the store's private files."""
+        self._store.close()
+
+    def __enter__(self) -> SearchIndex:
+        """Use as a context manager; close() on exit."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the store."""
+        self.close()
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def _diffcse_version() -> str:
+    """The package version, recorded in manifests (imported late: diffcse imports us lazily)."""
+    from diffcse import __version__
+
+    return __version__
+
+
+def load_recorded_encoder(manifest: Manifest, where: str, device: str | None = None) -> Encoder:
+    """Load the model the manifest records, with the pooling and length it was built with."""
+    from diffcse.encoder import Encoder
+
+    model = manifest.model
+    if not model or not model.get("name_or_path"):
+        raise SearchIndexError(f"index {where} records no model (built from raw vectors): give an encoder / --model")
+    name = model["name_or_path"]
+    if name.startswith("/") and not Path(name).exists():
+        raise FileNotFoundError(f"index {where} was built with model {name}, which no longer exists: pass --model")
+    return Encoder.load(name, pooler=model.get("pooler"), max_seq_length=model.get("max_seq_length"), device=device)
+
+
+def _check_encoder(manifest: Manifest, encoder: Encoder, where: str) -> None:
+    """Refuse an encoder of another dimension or other weights than the index was built with."""
+    if encoder.dim != manifest.dim:
+        raise IndexMismatchError(
+            f"index {where} has dimension {manifest.dim} but encoder {encoder.name_or_path} gives {encoder.dim}"
+        )
+    model = manifest.model
+    if model is None:
+        return
+    if model.get("fingerprint") != encoder.fingerprint:
+        raise IndexMismatchError(
+            f"index {where} was built with model {model.get('name_or_path')} (weights {model.get('fingerprint')}) "
+            f"but the encoder given is {encoder.name_or_path} (weights {encoder.fingerprint}): "
+            "rebuild the index or load it with its own model"
+        )
+    module = getattr(encoder, "module", None)
+    pooler = getattr(module, "pooler", None) if module is not None else "st"
+    if model.get("pooler") is not None and pooler is not None and model["pooler"] != pooler:
+        raise IndexMismatchError(
+            f"index {where} was built with pooler {model['pooler']!r} but the encoder uses {pooler!r}"
+        )
+
+
+def _check_loaded(index: faiss.Index, manifest: Manifest, index_file: Path) -> None:
+    """The faiss file must agree with the manifest: dimension, count and kind."""
+    if index.d != manifest.dim:
+        raise CorruptIndexError(f"index file {index_file} has dimension {index.d} but the manifest says {manifest.dim}")
+    if index.ntotal != manifest.ntotal:
+        raise CorruptIndexError(f"index file {index_file} holds {index.ntotal} vectors but the manifest says {manifest.ntotal}")
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    expected = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQ}[manifest.kind]
+    if not isinstance(inner, expected) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise CorruptIndexError(
+            f"index file {index_file} holds a {type(inner).__name__} (metric {inner.metric_type}), "
+            f"not the inner-product {manifest.kind} index the manifest describes"
+        )
+
+
+def _gpu_clustering(index: faiss.Index) -> None:
+    """Run IVF k-means on the GPU (the slow part of training a large IVF index)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+    except RuntimeError as err:  # pragma: no cover - needs a GPU build
+        log.warning("GPU clustering unavailable (%s); training on CPU", err)
+
+
+def _generation_number(target: Path) -> int:
+    """The live generation's sequence number in target (0 when there is none or it is unreadable)."""
+    try:
+        name = json.loads((target / MANIFEST_NAME).read_text())["generation"]
+        return int(name.split("-")[1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 0
+
+
+def _remove_stale(target: Path, keep: str) -> None:
+    """Delete superseded generations and staging dirs of dead processes (best effort)."""
+    for child in target.iterdir():
+        if child.name == keep or not child.is_dir():
+            continue
+        if child.name.startswith("gen-"):
+            shutil.rmtree(child, ignore_errors=True)
+        elif child.name.startswith(".staging-"):
+            try:
+                pid = int(child.name.split("-")[1])
+                os.kill(pid, 0)
+            except (ValueError, IndexError, ProcessLookupError):
+                shutil.rmtree(child, ignore_errors=True)
+            except PermissionError:
+                pass
+
+
+@contextlib.contextmanager
+def _dir_lock(target: Path) -> Iterator[None]:
+    """An exclusive advisory lock on target/.lock, so two processes never save at once."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock
+        yield
+        return
+    with open(target / ".lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+

@@ -1,0 +1,160 @@
+"""The index manifest: what an index directory holds and how it was built, plus atomic file helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from diffcse.search.errors import CorruptIndexError, IndexFormatError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+INDEX_FILE = "index.faiss"
+STORE_FILE = "store.sqlite"
+KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+
+
+def _read_umask() -> int:
+    """The process umask (read once at import: os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+@dataclass
+class Manifest:
+    """Everything needed to reopen an index and check it matches an encoder."""
+
+    dim: int
+    kind: str
+    params: dict = field(default_factory=dict)
+    count: int = 0
+    next_id: int = 0
+    # faiss's ntotal: equals count except for HNSW, where deleted vectors stay as tombstones.
+    ntotal: int = 0
+    metric: str = "inner_product"
+    normalized: bool = True
+    model: dict | None = None
+    generation: str = ""
+    files: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str) -> Manifest:
+        """Validate a parsed manifest; errors name the source file and the bad field."""
+        if not isinstance(data, dict):
+            raise IndexFormatError(f"{source}: manifest is not a JSON object")
+        version = data.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise IndexFormatError(f"{source}: field 'format_version' is missing or not an integer")
+        if version > FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{source}: index format version {version} is newer than this diffcse reads "
+                f"(up to {FORMAT_VERSION}); upgrade diffcse to open it"
+            )
+        if version < 1:
+            raise IndexFormatError(f"{source}: field 'format_version' must be >= 1, got {version}")
+        types = {
+            "dim": int, "kind": str, "params": dict, "count": int, "next_id": int, "ntotal": int,
+            "metric": str, "normalized": bool, "generation": str, "files": dict,
+        }
+        for name, kind in types.items():
+            value = data.get(name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise IndexFormatError(f"{source}: field {name!r} is missing or not a {kind.__name__}")
+        if data["kind"] not in KINDS:
+            raise IndexFormatError(f"{source}: field 'kind' is {data['kind']!r}; expected one of {', '.join(KINDS)}")
+        if data["metric"] != "inner_product":
+            raise IndexFormatError(f"{source}: field 'metric' is {data['metric']!r}; only 'inner_product' is supported")
+        if data["dim"] < 1:
+            raise IndexFormatError(f"{source}: field 'dim' must be positive, got {data['dim']}")
+        if data.get("model") is not None and not isinstance(data["model"], dict):
+            raise IndexFormatError(f"{source}: field 'model' must be an object or null")
+        for key in ("index", "store"):
+            entry = data["files"].get(key)
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("bytes"), int):
+                raise IndexFormatError(f"{source}: field 'files.{key}' is missing or lacks name/bytes")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def read_manifest(index_dir: str | Path) -> Manifest:
+    """Read and validate index_dir/manifest.json."""
+    path = Path(index_dir) / MANIFEST_NAME
+    if not Path(index_dir).is_dir():
+        raise FileNotFoundError(f"index directory {index_dir} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{index_dir} is not an index directory: {MANIFEST_NAME} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexFormatError(f"{path}: manifest is not valid JSON ({err})") from None
+    return Manifest.from_dict(data, str(path))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_file(path: Path, entry: dict, verify: bool) -> None:
+    """Raise CorruptIndexError when a file is missing, has the wrong size or (verify) checksum."""
+    if not path.is_file():
+        raise CorruptIndexError(f"index file {path} is missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise CorruptIndexError(
+            f"index file {path} is {size} bytes but the manifest says {entry['bytes']}: truncated or overwritten"
+        )
+    if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        raise CorruptIndexError(f"index file {path} does not match its sha256 in the manifest: corrupted")
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a power cut (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temp file beside path, fsync, then rename over path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file 0600; give the manifest the usual umask-derived mode.
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

