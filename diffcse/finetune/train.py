@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ import torch
 from diffcse.finetune.data import Episode, Examples, LoadedTask, load_fewshot_task, make_episode
 from diffcse.finetune.losses import CombinedLoss, LossSpec, parse_loss_spec, proxy_scores
 from diffcse.finetune.model import Featurizer, FineTuneModel, Prepared
+from senteval_runner.report import write_json_atomic  # one atomic JSON writer for the project
 
 log = logging.getLogger(__name__)
 
@@ -271,22 +271,6 @@ def summarize(runs: list[RunResult], key: str = "accuracy") -> dict[str, float |
         return {"mean": None, "std": None}
     arr = 100.0 * np.asarray(vals, dtype=np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
-
-
-def write_json_atomic(path: str | Path, payload: object) -> Path:
-    """Write JSON to path via a temp file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def run_name(cfg: FinetuneConfig) -> str:
