@@ -11,19 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcse.config import OBJECTIVES, PRECISIONS, TrainConfig, load_config
+from diffcse.config import HEADS, OBJECTIVES, PRECISIONS, TrainConfig, load_config
 
 _BOOL_FIELDS = {
     "mlp_only_train", "do_eval", "resume", "generator_train_mode", "rtd_count_padding",
-    "gather_negatives", "sync_batchnorm",
+    "gather_negatives", "sync_batchnorm", "packing", "fast_dropout",
 }
 _HELP = {
     "model": "HF or sentence-transformers folder (default: the packaged all-MiniLM-L6-v2)",
     "train_file": "one sentence per line (simcse/diffcse) or a CSV sent0,sent1,hard_neg (sup-simcse)",
     "pooler": "auto (the folder's own), cls, cls_before_pooler, avg, avg_first_last, avg_top2",
-    "head": "training head: mlp (SimCSE), batchnorm (DiffCSE), none",
+    "head": "training head: mlp (SimCSE), batchnorm (DiffCSE), none; auto = batchnorm for diffcse, else mlp",
     "generator": "DiffCSE generator: mlm:PATH, embedding-neighbours or random",
     "resume": "continue from the last checkpoint in OUTPUT_DIR/checkpoints",
+    "packing": "run forwards on real tokens only, no padding (falls back by itself where a model cannot)",
+    "fast_dropout": "dropout masks from 31-bit integers (same law, ~2x cheaper on CPU); off = torch's bernoulli",
     "do_eval": "evaluate STS-B dev every --eval-steps and keep the best model",
 }
 
@@ -44,7 +46,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         kind = type(value) if value is not None else str
         if name == "discriminator_layers":
             kind = int
-        choices = OBJECTIVES if name == "objective" else PRECISIONS if name == "precision" else None
+        choices = {"objective": OBJECTIVES, "precision": PRECISIONS, "head": HEADS}.get(name)
         p.add_argument(flag, dest=name, type=kind, default=None, choices=choices, help=helptext)
     p.add_argument("--epochs", dest="num_epochs", type=float, default=None, help="alias of --num-epochs")
     p.set_defaults(func=run_train)

@@ -10,6 +10,9 @@ import yaml
 
 OBJECTIVES = ("simcse", "sup-simcse", "diffcse")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Training heads (diffcse.modeling.HEADS) plus "auto": each objective's paper recipe.
+HEADS = ("auto", "none", "mlp", "batchnorm")
+DEFAULT_HEADS = {"simcse": "mlp", "sup-simcse": "mlp", "diffcse": "batchnorm"}
 
 
 @dataclass
@@ -24,9 +27,15 @@ class TrainConfig:
     encoding_errors: str = "strict"
     # Encoder and heads.
     pooler: str = "auto"  # auto = the folder's own pooling (ST config), else cls
-    head: str = "mlp"  # mlp (SimCSE), batchnorm (DiffCSE), none
+    head: str = "auto"  # auto = the objective's own (DEFAULT_HEADS), mlp, batchnorm, none
     mlp_only_train: bool = True
     max_seq_length: int = 32
+    # Forwards on real tokens only (diffcse.packing): same loss, no FLOPs on padding; models
+    # whose packed output does not match the padded one fall back to padding by themselves.
+    packing: bool = True
+    # Dropout masks from 31 random bits per element (diffcse.dropout): the same Bernoulli law,
+    # about half the cost of torch's bernoulli_ on CPU; off = torch's own dropout.
+    fast_dropout: bool = True
     # Contrastive loss.
     temperature: float = 0.05
     hard_negative_weight: float = 0.0
@@ -67,9 +76,17 @@ class TrainConfig:
     notes: dict = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Reject impossible settings early, naming the field."""
+        """Reject impossible settings early, naming the field; resolve head 'auto' for the objective.
+
+        The resolved head is stored back on the config, so the saved train_config.yaml (and a
+        --resume from it) records the head actually trained.
+        """
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.head not in HEADS:
+            raise ValueError(f"head: {self.head!r} is not one of {', '.join(HEADS)}")
+        if self.head == "auto":
+            self.head = DEFAULT_HEADS[self.objective]
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         for name in ("batch_size", "max_seq_length", "eval_steps", "logging_steps", "save_steps"):

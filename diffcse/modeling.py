@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from diffcse.packing import Packable, packed_inputs
 
 # SimCSE's names. At inference on a plain HF folder `cls` is the backbone's own pooler output
 # (SimCSE/DiffCSE checkpoints store their MLP there) and `cls_before_pooler` the raw [CLS] state.
@@ -92,7 +95,7 @@ class EncoderOutput:
     embedding: torch.Tensor
 
 
-class SentenceEncoder(nn.Module):
+class SentenceEncoder(Packable, nn.Module):
     """An HF encoder with a pooler and an optional head used in training only (mlp_only_train)."""
 
     def __init__(
@@ -112,6 +115,15 @@ class SentenceEncoder(nn.Module):
         self.head = make_head(head, backbone.config.hidden_size)
         self.mlp_only_train = mlp_only_train
         self.use_backbone_pooler = use_backbone_pooler
+
+    def packed_transformer(self) -> nn.Module:
+        """The backbone (see diffcse.packing.Packable)."""
+        return self.backbone
+
+    def enable_packing(self) -> bool:
+        """Run forwards on the batch's real tokens only (see diffcse.packing); True if the model allows it."""
+        # The backbone's pooler layer reads row 0 of the packed row, so it stays padded.
+        return not self.use_backbone_pooler and super().enable_packing()
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: object) -> SentenceEncoder:
@@ -134,7 +146,19 @@ class SentenceEncoder(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         need_hidden = self.pooler in ("avg_first_last", "avg_top2")
-        outputs = self.backbone(**kwargs, output_hidden_states=need_hidden, return_dict=True)
+        packing = self.packing_for(attention_mask)
+        if packing is not None:
+            packed = self.backbone(
+                **packed_inputs(self.backbone, packing, input_ids, token_type_ids=token_type_ids),
+                output_hidden_states=need_hidden,
+                return_dict=True,
+            )
+            outputs = BaseModelOutput(
+                last_hidden_state=packing.unpack(packed.last_hidden_state),
+                hidden_states=tuple(packing.unpack(h) for h in packed.hidden_states) if need_hidden else None,
+            )
+        else:
+            outputs = self.backbone(**kwargs, output_hidden_states=need_hidden, return_dict=True)
         pooled = pool(outputs, attention_mask, self.pooler, self.use_backbone_pooler)
         embedding = pooled
         if self.head is not None and (self.training or not self.mlp_only_train):

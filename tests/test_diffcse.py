@@ -31,6 +31,7 @@ from diffcse.objectives.generators import (
 )
 from diffcse.objectives.masking import TokenMasker, special_token_ids
 from diffcse.objectives.rtd import ReplacedTokenDetectionLoss
+from diffcse.packing import PACKING_KWARG
 from diffcse.train import build_model
 
 
@@ -125,9 +126,14 @@ def test_masking_ratio_is_configurable_and_checked(tok: object) -> None:
 # --- generators ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
-def test_masked_only_logits_match_full_sequence_argmax(arch: str, mlm_dirs: dict, tok: object, batch: dict) -> None:
+def test_masked_only_logits_match_full_sequence_argmax(
+    arch: str, packed: bool, mlm_dirs: dict, tok: object, batch: dict
+) -> None:
     gen = MLMGenerator.load(mlm_dirs[arch], tok, train_mode=False)
+    if packed:  # masked-only logits from a packed forward vs the plain padded full-sequence logits
+        assert gen.enable_packing()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     masked = TokenMasker.from_tokenizer(tok, 0.3)(ids, mask, generator=torch.Generator().manual_seed(0))
     assert masked.selected.sum() > 5
@@ -389,6 +395,7 @@ def test_full_loss_equals_naive_computation(count_padding: bool, tiny_bert_dir: 
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         seen["ids"] = kwargs["input_ids"].clone()
+        seen["packing"] = kwargs.get(PACKING_KWARG)
 
     model.discriminator.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     # Two different views per row (as with supervised pairs): with dropout off, identical views
@@ -410,6 +417,11 @@ def test_full_loss_equals_naive_computation(count_padding: bool, tiny_bert_dir: 
 
         corrupted = seen["ids"]
         attended = flat_mask.bool()
+        # Packed (the default, unless padding is counted): back to [2N, L], padding = the input's.
+        assert (seen["packing"] is None) == count_padding
+        if seen["packing"] is not None:
+            unpacked = seen["packing"].unpack(corrupted.unsqueeze(-1)).squeeze(-1)
+            corrupted = torch.where(attended, unpacked, flat_ids)
         special = torch.isin(flat_ids, torch.tensor(special_token_ids(tok)))
         changed = corrupted != flat_ids
         assert changed.any() and not (changed & (special | ~attended)).any()

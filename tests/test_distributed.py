@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import sentences
-from ddp_worker import build, snapshot
+from ddp_worker import build, fix_corruption, snapshot
 
 from diffcse.data import ViewCollator, tokenize_columns
 
@@ -57,6 +57,43 @@ def test_two_process_step_equals_single_process(tiny_bert_dir: str, tmp_path: Pa
         assert ref["buffers"], "the BN head has running statistics"
         for name, buf in ref["buffers"].items():
             assert torch.allclose(ddp["buffers"][name], buf, rtol=1e-9, atol=1e-12), name
+
+
+def test_two_process_diffcse_step_equals_single_process(tiny_bert_dir: str, tmp_path: Path) -> None:
+    """DiffCSE (BN head, packed encoder and discriminator, L_RTD over the global token count)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    # Unequal lengths: the ranks hold different numbers of tokens, so a per-rank RTD mean would be wrong.
+    texts = sentences(8, seed=4)
+    ds, _ = tokenize_columns(tok, [texts], 16)
+    batch = ViewCollator(tok.pad_token_id)([ds[i] for i in range(8)])
+    counts = batch["attention_mask"].sum(-1).squeeze(1)
+    assert counts[:4].sum() != counts[4:].sum()
+
+    single = build(tiny_bert_dir, "batchnorm", "diffcse")
+    n, _, length = batch["input_ids"].shape
+    flat_ids = batch["input_ids"].expand(n, 2, length).reshape(2 * n, length)
+    flat_mask = batch["attention_mask"].expand(n, 2, length).reshape(2 * n, length)
+    torch.manual_seed(3)
+    corrupted, replaced = single.corrupt(flat_ids, flat_mask)
+    assert replaced.any()
+    torch.save({**batch, "corrupted": corrupted, "replaced": replaced}, tmp_path / "batch.pt")
+    run_torchrun([str(Path(__file__).parent / "ddp_worker.py"), tiny_bert_dir, "batchnorm", str(tmp_path / "batch.pt"),
+                  str(tmp_path / "ddp.pt"), "diffcse"], tmp_path)
+    ddp = torch.load(tmp_path / "ddp.pt")
+
+    fix_corruption(single, corrupted, replaced)
+    loss = single(**batch)["loss"]
+    loss.backward()
+    ref = snapshot(single, loss)
+    assert ddp["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-9)
+    assert ddp["grads"].keys() == ref["grads"].keys()
+    assert any(name.startswith("discriminator.") for name in ref["grads"])
+    for name, grad in ref["grads"].items():
+        assert (ddp["grads"][name] - grad).norm() <= 1e-7 * grad.norm() + 1e-9, name
+    for name, buf in ref["buffers"].items():
+        assert torch.allclose(ddp["buffers"][name], buf, rtol=1e-9, atol=1e-12), name
 
 
 def test_without_gathering_the_loss_differs(tiny_bert_dir: str) -> None:

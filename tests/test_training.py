@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,12 @@ from conftest import sentences
 from safetensors.torch import load_file
 from test_infonce import naive_infonce
 
+from diffcse.cli import build_parser
 from diffcse.cli import main as cli_main
-from diffcse.config import load_config
+from diffcse.config import HEADS, TrainConfig, load_config
 from diffcse.data import InputError, ViewCollator, read_sentences, read_triples, tokenize_columns
-from diffcse.modeling import SentenceEncoder
+from diffcse.modeling import HEADS as MODEL_HEADS
+from diffcse.modeling import BatchNormProjection, MLPHead, SentenceEncoder
 from diffcse.objectives.contrastive import ContrastiveModel
 from diffcse.objectives.infonce import InfoNCE
 
@@ -142,6 +145,10 @@ def test_resume_gives_same_weights_as_uninterrupted(tiny_bert_dir: str, corpus: 
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = load_file(full / "checkpoints" / "checkpoint-3" / "model.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)  # training did move the weights
+    # best.json / summary.json are written atomically (no temp files left) and read back as JSON.
+    assert json.loads((part / "best.json").read_text()) == {"step": 6, "stsb_dev_spearman": None}
+    assert json.loads((part / "summary.json").read_text())["steps"] == 6
+    assert not [p.name for p in part.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_resume_without_checkpoint_is_an_error(tiny_bert_dir: str, corpus: Path, tmp_path: Path) -> None:
@@ -198,3 +205,55 @@ def test_yaml_config_and_cli_override(tmp_path: Path) -> None:
 def test_python_m_entry_point_runs() -> None:
     out = subprocess.run([sys.executable, "-m", "diffcse", "train", "--help"], capture_output=True, text=True, check=True)
     assert "--objective" in out.stdout and "--lambda-weight" in out.stdout
+
+
+def test_head_default_follows_objective(tmp_path: Path) -> None:
+    assert TrainConfig().head == "auto"
+    assert set(HEADS) - {"auto"} == set(MODEL_HEADS)  # config's choices track modeling's heads
+    expected = {"simcse": "mlp", "sup-simcse": "mlp", "diffcse": "batchnorm"}
+    for objective, head in expected.items():
+        config = load_config(None, {"objective": objective, "train_file": "x.csv"})
+        assert config.head == head, objective
+        config.validate()  # idempotent once resolved
+        assert config.head == head, objective
+    # An explicit head always wins, whatever the objective.
+    for head in ("none", "mlp", "batchnorm"):
+        assert load_config(None, {"objective": "diffcse", "head": head}).head == head
+        assert load_config(None, {"objective": "simcse", "head": head}).head == head
+    # The YAML written for the run (and read back by --resume) holds the resolved head.
+    load_config(None, {"objective": "diffcse"}).save(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml").head == "batchnorm"
+    (tmp_path / "d.yaml").write_text("objective: diffcse\nhead: mlp\n")
+    assert load_config(tmp_path / "d.yaml").head == "mlp"
+    with pytest.raises(ValueError, match="head"):
+        load_config(None, {"head": "bn"})
+
+
+def test_cli_head_default_and_override() -> None:
+    def head_of(*argv: str) -> str:
+        args = build_parser().parse_args(["train", *argv])
+        overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+        return load_config(args.config, overrides).head
+
+    assert head_of("--objective", "diffcse") == "batchnorm"
+    assert head_of("--objective", "diffcse", "--head", "mlp") == "mlp"
+    assert head_of("--objective", "simcse") == "mlp"
+    assert head_of() == "mlp"
+    assert head_of("--objective", "simcse", "--head", "auto") == "mlp"
+    with pytest.raises(SystemExit):
+        head_of("--head", "bn")
+
+
+def test_diffcse_builds_batchnorm_head_by_default(tiny_bert_dir: str) -> None:
+    from transformers import AutoTokenizer
+
+    from diffcse.train import build_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    base = {"model": tiny_bert_dir, "pooler": "cls", "generator": "random", "discriminator_layers": 1}
+    model = build_model(load_config(None, {**base, "objective": "diffcse"}), tiny_bert_dir, tok)
+    assert isinstance(model.encoder.head, BatchNormProjection)
+    model = build_model(load_config(None, {**base, "objective": "diffcse", "head": "mlp"}), tiny_bert_dir, tok)
+    assert isinstance(model.encoder.head, MLPHead)
+    model = build_model(load_config(None, {**base, "objective": "simcse"}), tiny_bert_dir, tok)
+    assert isinstance(model.encoder.head, MLPHead)

@@ -22,10 +22,11 @@ from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
 from diffcse.config import TrainConfig
 from diffcse.modeling import EncoderOutput, SentenceEncoder
 from diffcse.objectives.contrastive import ContrastiveModel
-from diffcse.objectives.generators import SAMPLING, build_generator
+from diffcse.objectives.generators import SAMPLING, MLMGenerator, build_generator
 from diffcse.objectives.infonce import InfoNCE
 from diffcse.objectives.masking import TokenMasker
 from diffcse.objectives.rtd import ReplacedTokenDetectionLoss
+from diffcse.packing import Packable, packed_inputs
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,17 @@ class PositionZeroCondition:
 
     def __init__(self, embeddings: nn.Module) -> None:
         self.vector: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None
         self.handle = embeddings.register_forward_hook(self._hook)
 
     @contextmanager
-    def use(self, h: torch.Tensor) -> Iterator[None]:
-        """Condition every forward inside the block on h ([B, H])."""
-        self.vector = h
+    def use(self, h: torch.Tensor, starts: torch.Tensor | None = None) -> Iterator[None]:
+        """Condition every forward inside the block on h ([B, H]); `starts` = rows' first tokens if packed."""
+        self.vector, self.starts = h, starts
         try:
             yield
         finally:
-            self.vector = None
+            self.vector = self.starts = None
 
     def _hook(self, module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
         if self.vector is None:
@@ -59,6 +61,13 @@ class PositionZeroCondition:
         if not isinstance(output, torch.Tensor) or output.dim() != 3:
             raise TypeError(f"discriminator: expected the embeddings module to return [B, L, H], got {type(output).__name__}")
         h = self.vector
+        if self.starts is not None:
+            # Packed [1, T, H]: each sentence's position 0 is its first token in the row.
+            if h.shape != (self.starts.numel(), output.size(2)) or output.size(0) != 1:
+                raise ValueError(
+                    f"discriminator: sentence vectors {tuple(h.shape)} do not fit its packed embeddings {tuple(output.shape)}"
+                )
+            return output[0].index_copy(0, self.starts, h.to(output.dtype)).unsqueeze(0)
         if h.shape != (output.size(0), output.size(2)):
             raise ValueError(
                 f"discriminator: sentence vectors {tuple(h.shape)} do not fit its embeddings {tuple(output.shape)}"
@@ -67,7 +76,7 @@ class PositionZeroCondition:
         return torch.cat([h.to(output.dtype).unsqueeze(1), output[:, 1:]], dim=1)
 
 
-class ConditionalDiscriminator(nn.Module):
+class ConditionalDiscriminator(Packable, nn.Module):
     """A transformer plus Linear(H, 2) that labels each token replaced/kept, conditioned on h at position 0."""
 
     def __init__(self, transformer: nn.Module) -> None:
@@ -84,6 +93,10 @@ class ConditionalDiscriminator(nn.Module):
             transformer.pooler.requires_grad_(False)
         self.condition = PositionZeroCondition(embeddings)
 
+    def packed_transformer(self) -> nn.Module:
+        """The discriminator's transformer (see diffcse.packing.Packable)."""
+        return self.transformer
+
     @classmethod
     def from_pretrained(cls, path: str, layers: int | None = None) -> ConditionalDiscriminator:
         """Initialise from the encoder's checkpoint, optionally keeping only its first `layers` layers."""
@@ -95,6 +108,12 @@ class ConditionalDiscriminator(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Replaced/kept logits [B, L, 2] for the (corrupted) ids, given sentence vectors h [B, H]."""
+        packing = self.packing_for(attention_mask)
+        if packing is not None:
+            # Padding positions get zero logits; L_RTD ignores them (packing is off when it counts them).
+            with self.condition.use(h, packing.starts):
+                hidden = self.transformer(**packed_inputs(self.transformer, packing, input_ids), return_dict=True)
+            return packing.unpack(self.head(hidden.last_hidden_state))
         with self.condition.use(h):
             hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         return self.head(hidden.last_hidden_state)
@@ -152,6 +171,16 @@ class DiffCSEModel(ContrastiveModel):
         discriminator = ConditionalDiscriminator.from_pretrained(model_path, config.discriminator_layers)
         if discriminator.transformer.config.hidden_size != encoder.hidden_size:
             raise ValueError("discriminator: hidden size differs from the encoder's")
+        # Counting padding in L_RTD (the reference's behaviour) needs the pads' real logits.
+        if config.packing and not config.rtd_count_padding:
+            discriminator.enable_packing()
+        if config.fast_dropout:
+            discriminator.enable_fast_dropout()
+        if isinstance(generator, MLMGenerator):
+            if config.packing:
+                generator.enable_packing()
+            if config.fast_dropout:
+                generator.enable_fast_dropout()
         return cls(
             encoder, loss, masker, generator, discriminator,
             ReplacedTokenDetectionLoss(config.rtd_count_padding), config.lambda_weight, config.discriminator_input,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from diffcse.objectives.masking import ordinary_token_ids, special_token_ids
+from diffcse.objectives.masking import ordinary_token_ids, unusable_token_ids
+from diffcse.packing import Packable, packed_inputs
 
 GENERATORS = ("mlm:PATH", "embedding-neighbours", "random")
 SAMPLING = ("argmax", "sample")
@@ -36,7 +37,7 @@ def check_same_vocabulary(encoder_tokenizer: PreTrainedTokenizerBase, other: Pre
     )
 
 
-class MLMGenerator:
+class MLMGenerator(Packable):
     """A frozen masked LM that fills the selected positions, computing vocabulary logits only there.
 
     The LM head is applied to the hidden states gathered at selected positions: a forward hook on the
@@ -67,6 +68,10 @@ class MLMGenerator:
         self.masked_only = masked_only
         self._selected: torch.Tensor | None = None
         self.model.base_model.register_forward_hook(self._gather_selected)
+
+    def packed_transformer(self) -> nn.Module:
+        """The MLM's base transformer (see diffcse.packing.Packable); its LM head has no dropout."""
+        return self.model.base_model
 
     @classmethod
     def load(
@@ -112,9 +117,16 @@ class MLMGenerator:
         """Vocabulary logits [M, V] at the M selected positions (row-major order)."""
         self._move_to(input_ids.device)
         self.model.train(self.train_mode)
-        self._selected = selected
+        packing = self.packing_for(attention_mask)
+        if packing is not None:
+            # Selected positions are never padding, so the packed row keeps their row-major order.
+            self._selected = packing.pack(selected.unsqueeze(-1)).squeeze(-1)
+            inputs = packed_inputs(self.model.base_model, packing, input_ids)
+        else:
+            self._selected = selected
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         try:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
+            logits = self.model(**inputs, return_dict=True).logits
         finally:
             self._selected = None
         return logits[0]
@@ -197,23 +209,23 @@ class EmbeddingNeighboursGenerator(nn.Module):
     word-embedding matrix as it is at the start of training.
     """
 
-    def __init__(self, word_embeddings: torch.Tensor, special_ids: list[int], k: int = 10) -> None:
+    def __init__(self, word_embeddings: torch.Tensor, excluded_ids: list[int], k: int = 10) -> None:
         super().__init__()
-        excluded = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        excluded = torch.tensor(sorted(set(excluded_ids)), dtype=torch.long)
         self.k = k
         # Non-persistent: derived data, rebuilt from the model on load, kept out of checkpoints.
         self.register_buffer("table", neighbour_table(word_embeddings, k, excluded), persistent=False)
 
     @classmethod
     def from_encoder(cls, backbone: nn.Module, tokenizer: PreTrainedTokenizerBase, k: int) -> EmbeddingNeighboursGenerator:
-        """Build the table from the backbone's input word embeddings and the tokenizer's specials."""
+        """Build the table from the backbone's input word embeddings; specials and [unusedN] are never neighbours."""
         weight = backbone.get_input_embeddings().weight
         if weight.size(0) < len(tokenizer):
             raise ValueError(
                 f"generator: the encoder has {weight.size(0)} word embeddings but its tokenizer {len(tokenizer)} tokens"
             )
         # Rows past the tokenizer's size (padded vocabularies) are never produced by tokenisation.
-        return cls(weight[: len(tokenizer)], special_token_ids(tokenizer), k)
+        return cls(weight[: len(tokenizer)], unusable_token_ids(tokenizer), k)
 
     @torch.no_grad()
     def forward(
@@ -232,7 +244,10 @@ class EmbeddingNeighboursGenerator(nn.Module):
 
 
 class RandomGenerator(nn.Module):
-    """Replace each selected token by a uniformly random non-special vocabulary token (the paper's ablation)."""
+    """Replace each selected token by a uniformly random ordinary vocabulary token (the paper's ablation).
+
+    Ordinary = neither special nor a never-trained placeholder like [unused12] (masking.ordinary_token_ids).
+    """
 
     def __init__(self, ordinary_ids: torch.Tensor) -> None:
         super().__init__()
@@ -240,7 +255,7 @@ class RandomGenerator(nn.Module):
 
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> RandomGenerator:
-        """Draw from the tokenizer's non-special ids."""
+        """Draw from the tokenizer's ordinary ids (no specials, no placeholders)."""
         return cls(ordinary_token_ids(tokenizer))
 
     @torch.no_grad()

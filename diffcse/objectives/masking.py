@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +17,24 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+# WordPiece vocabularies (BERT's) reserve never-trained placeholder rows: [unused0] ... [unused993].
+PLACEHOLDER_TOKEN = re.compile(r"^\[unused\d+\]$")
+
+
+def placeholder_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the vocabulary's reserved placeholders ([unusedN]): tokenisation never produces them."""
+    return sorted(i for tok, i in tokenizer.get_vocab().items() if PLACEHOLDER_TOKEN.match(tok))
+
+
+def unusable_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that are never a real replacement token: the specials plus the placeholders."""
+    return sorted(set(special_token_ids(tokenizer)) | set(placeholder_token_ids(tokenizer)))
+
+
 def ordinary_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """All vocabulary ids that are not special: the pool random replacements are drawn from."""
-    special = set(special_token_ids(tokenizer))
-    return torch.tensor([i for i in range(len(tokenizer)) if i not in special], dtype=torch.long)
+    """Vocabulary ids that are neither special nor placeholders: the pool random replacements are drawn from."""
+    unusable = set(unusable_token_ids(tokenizer))
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in unusable], dtype=torch.long)
 
 
 @dataclass
@@ -34,8 +49,8 @@ class TokenMasker:
     """Select each ordinary token with probability `ratio`; of those, 80% → [MASK], 10% → random, 10% kept.
 
     As in BERT's (and DiffCSE's) data collator, selection is an independent Bernoulli draw per token;
-    special tokens and padding are never selected. Random replacements come from the non-special
-    vocabulary, so a masked view never gains a spurious [SEP] or [PAD].
+    special tokens and padding are never selected. Random replacements come from the non-special,
+    non-placeholder vocabulary, so a masked view never gains a spurious [SEP], [PAD] or [unused5].
     """
 
     def __init__(

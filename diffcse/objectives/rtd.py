@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from diffcse.distributed import world
 
 
 class ReplacedTokenDetectionLoss(nn.Module):
@@ -13,6 +16,10 @@ class ReplacedTokenDetectionLoss(nn.Module):
     By default the mean runs over attended (non-padding) positions only. With count_padding=True the
     mean runs over every position of the padded [B, L] batch with padding labelled 'kept', which is
     what the DiffCSE reference code does (its loss is diluted by the padding share of the batch).
+
+    Under DDP the mean is over the global batch's positions: each rank divides its sum by the
+    all-reduced count (times the world size, which DDP's gradient averaging divides back out), so
+    ranks with more tokens weigh more, exactly as in one process with the whole batch.
     """
 
     def __init__(self, count_padding: bool = False) -> None:
@@ -27,12 +34,21 @@ class ReplacedTokenDetectionLoss(nn.Module):
             raise ValueError(f"expected logits [B, L, 2] and labels [B, L], got {tuple(logits.shape)} and {tuple(labels.shape)}")
         attended = attention_mask.bool()
         labels = labels.long() * attended  # padding is 'kept' (label 0), as in the reference
-        per_token = F.cross_entropy(logits.float().reshape(-1, 2), labels.reshape(-1), reduction="none")
+        # At least float32 (bf16/fp16 logits under autocast); float64 stays float64.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        per_token = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none")
         if self.count_padding:
-            loss = per_token.mean()
+            total, count = per_token.sum(), torch.tensor(float(per_token.numel()), dtype=per_token.dtype)
         else:
             weights = attended.reshape(-1).to(per_token.dtype)
-            loss = (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+            total, count = (per_token * weights).sum(), weights.sum().detach()
+        _, size = world()
+        if size > 1:
+            count = count.to(per_token.device).clone()
+            dist.all_reduce(count)
+            loss = total * size / count.clamp_min(1.0)
+        else:
+            loss = total / count.clamp_min(1.0)
         with torch.no_grad():
             correct = logits.argmax(-1) == labels
             replaced = labels.bool() & attended
