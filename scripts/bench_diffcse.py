@@ -39,6 +39,7 @@ from diffcse.config import TrainConfig, resolve_precision
 from diffcse.data import default_corpus
 from diffcse.encoder import Encoder, default_model_path
 from senteval_runner import STS_TASKS
+from senteval_runner.report import write_json_atomic
 
 RUNS: dict[str, dict] = {
     "simcse": {"objective": "simcse", "head": "mlp"},
@@ -56,7 +57,8 @@ RUNS: dict[str, dict] = {
 BUDGET = ("model", "train_file", "steps", "batch_size", "lr", "seed", "max_len", "eval_steps", "pooler",
           "precision_resolved", "mask_ratio", "lambda_weight", "eval_max_len", "sts_tasks")
 DEFAULT_RUNS = ["simcse", "simcse-bn", "diffcse-neighbours", "diffcse-random"]
-TIMING = ["simcse", "diffcse-neighbours", "diffcse-neighbours-k2", "diffcse-mlm-masked-only", "diffcse-mlm-full-logits"]
+TIMING = ["simcse", "diffcse-neighbours", "diffcse-neighbours-k2", "diffcse-mlm-masked-only", "diffcse-mlm-full-logits",
+          "simcse-padded", "diffcse-neighbours-padded"]
 RTD_KEYS = ("loss_contrast", "loss_rtd", "rtd_acc_replaced", "rtd_acc_kept", "replaced_fraction")
 
 
@@ -195,6 +197,9 @@ def timing_phase(args: argparse.Namespace, model: str, sentences_file: str, tmp:
     for name in TIMING:
         extra: dict = {"do_eval": False, "max_steps": args.timing_steps}
         base = name
+        if name.endswith("-padded"):
+            # The same step without packing (every forward padded), to show what packing buys.
+            base, extra["packing"] = name.removesuffix("-padded"), False
         if name.startswith("diffcse-mlm"):
             base, extra["generator"] = "diffcse-neighbours", f"mlm:{mlm}"
         config = run_config(base, args, model, sentences_file, tmp / name, **extra)
@@ -256,14 +261,6 @@ def plot_curves(runs: dict, baseline: float | None, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_json(data: dict, path: Path) -> None:
-    """Write atomically: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the experiment and write the JSON and the plot."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-warmup", type=int, default=1)
     p.add_argument("--timing-rounds", type=int, default=2)
     p.add_argument("--no-timing", dest="timing", action="store_false")
+    p.add_argument("--timing-only", action="store_true",
+                   help="keep the runs of an existing --output and only re-measure step times (earlier ones kept in timing_history)")
     p.add_argument("--reuse", action="store_true",
                    help="add to an existing --output made on the same budget: skip runs it has, reuse trained run dirs")
     p.add_argument("--senteval-data", default=None)
@@ -305,6 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**vars(args), "model": model, "train_file": train_file,
                 "precision_resolved": resolve_precision(args.precision)}
     result: dict = {"settings": settings, "machine": {}, "runs": {}}
+    if args.timing_only:
+        if not output.exists():
+            raise SystemExit(f"--timing-only: {output} does not exist; run the experiment first")
+        result = json.loads(output.read_text())
+        if "timing" in result:
+            old = result.pop("timing") | {"settings": {k: result["settings"].get(k) for k in ("threads", "batch_size", "max_len")}}
+            result.setdefault("timing_history", []).append(old)
+        with tempfile.TemporaryDirectory() as tmp:
+            result["timing"] = timing_phase(args, model, train_file, Path(tmp))
+        result["timing"]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        result["timing"]["loadavg_end"] = os.getloadavg()
+        write_json_atomic(output, result)
+        print(json.dumps(result["timing"]["ratio_to_simcse"], indent=1), file=sys.stderr)
+        return 0
     if args.reuse and output.exists():
         # Add runs to an earlier result, but only ones trained on the very same budget.
         result = json.loads(output.read_text())
@@ -318,20 +331,20 @@ def main(argv: list[str] | None = None) -> int:
     if "untouched" not in result:
         print("[untouched] scoring STS", file=sys.stderr, flush=True)
         result["untouched"] = {"sts_test": sts_table(model, args)["table"]}
-        write_json(result, output)
+        write_json_atomic(output, result)
     for name in args.runs:
         if name in result["runs"] and args.reuse:
             continue
         result["runs"][name] = train_run(name, args, model, train_file)
         result["untouched"].setdefault("stsb_dev", result["runs"][name]["stsb_dev_before"])
-        write_json(result, output)
+        write_json_atomic(output, result)
     plot_curves(result["runs"], result["untouched"].get("stsb_dev"), Path(args.plot))
     if args.timing:
         with tempfile.TemporaryDirectory() as tmp:
             result["timing"] = timing_phase(args, model, train_file, Path(tmp))
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["wall_seconds"] = time.time() - started
-    write_json(result, output)
+    write_json_atomic(output, result)
     print(json.dumps({n: {"sts": r["sts_test"], "dev_best": r["stsb_dev_best"]} for n, r in result["runs"].items()},
                      indent=1), file=sys.stderr)
     return 0

@@ -63,6 +63,24 @@ def phase(report: dict, name: str, fn):
     return out
 
 
+def score_differences(base: dict, new: dict) -> dict:
+    """Per-task score and wall-time differences (new - base) for the sections both reports have."""
+    diff: dict = {}
+    for section in ("sts", "transfer"):
+        if section in base and section in new:
+            old_t, new_t = base[section]["table"], new[section]["table"]
+            diff[section] = {
+                "score_diff_x100": {k: round(new_t[k] - old_t[k], 2) for k in new_t if k in old_t},
+                "wall_s": {"baseline": base[section]["wall_s"], "this": new[section]["wall_s"],
+                           "speedup": round(base[section]["wall_s"] / max(1e-9, new[section]["wall_s"]), 2)},
+            }
+    if "reference" in base and "transfer" in new:
+        # The slow protocol (fp32 embeddings, one classifier at a time) against this whole run.
+        diff["transfer"]["speedup_vs_baseline_reference_suite"] = round(
+            base["reference"]["suite_s_total"] / max(1e-9, new["transfer"]["wall_s"]), 1)
+    return diff
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the JSON report."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="nested-CV tasks run on both paths in 'fasttest' mode to compare accuracies (or 'none')")
     p.add_argument("--update", action="store_true",
                    help="keep the sections of an existing --output that this run skips (e.g. re-time STS only)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="encoder precision (bf16 = the named faster mode; compare with --baseline)")
+    p.add_argument("--baseline", default=None,
+                   help="an earlier fp32 result JSON: record each score's difference from it (for --precision bf16)")
     p.add_argument("--skip-sts", action="store_true")
     p.add_argument("--skip-transfer", action="store_true")
     args = p.parse_args(argv)
@@ -99,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
-    enc = phase(out["timing"], "load_model", lambda: CachingEncoder(FolderEncoder(model)))
+    enc = phase(out["timing"], "load_model", lambda: CachingEncoder(FolderEncoder(model, precision=args.precision)))
     out["encoder"] = enc.inner.description
 
     if not args.skip_sts:
@@ -204,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             checks[task] = fast
         if checks:
             out["fasttest_checks"] = checks
+    if args.baseline:
+        out["vs_baseline"] = score_differences(json.loads(Path(args.baseline).read_text()), out)
+        out["vs_baseline"]["baseline"] = args.baseline
     out["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if args.update and Path(args.output).exists():
         old = json.loads(Path(args.output).read_text())

@@ -3,8 +3,11 @@
 Both run on the same model, sentences, batch, max_len, steps and seed, in one process, one after
 the other (twice, alternating, to average out drift on a shared machine). sentence-transformers'
 recipe is MultipleNegativesRankingLoss (scale 20 = 1/τ with τ = 0.05) on (s, s) pairs through
-SentenceTransformerTrainer. We also measure this CPU's matmul GFLOP/s and report each step time
-against the encoder's FLOP floor (forward + backward ≈ 3× the forward FLOPs).
+SentenceTransformerTrainer. Ours runs twice: as shipped (packing on: the batch's real tokens in one
+row, no FLOPs spent on padding; dropout masks from diffcse.dropout) and with both off (padded,
+torch's dropout, like sentence-transformers), so the report separates what those buy from the rest. We also measure this CPU's matmul GFLOP/s
+and report each step time against the encoder's FLOP floor (forward + backward ≈ 3× the forward
+FLOPs), both over the padded batch and over its real tokens only.
 
     python scripts/bench_train.py --steps 30 --output results/bench_train.json
 """
@@ -27,6 +30,7 @@ from transformers import AutoConfig, TrainerCallback
 from diffcse.config import TrainConfig
 from diffcse.data import default_corpus, read_sentences
 from diffcse.encoder import default_model_path
+from senteval_runner.report import write_json_atomic
 
 
 class StepTimer(TrainerCallback):
@@ -65,7 +69,10 @@ def encoder_train_flops(config: object, tokens: int, seq_len: int) -> float:
     return 3.0 * forward
 
 
-def run_ours(model: str, sentences: list[str], args: argparse.Namespace, workdir: Path) -> dict:
+def run_ours(
+    model: str, sentences: list[str], args: argparse.Namespace, workdir: Path, packing: bool = True,
+    fast_dropout: bool = True,
+) -> dict:
     """Time our unsupervised SimCSE loop (one 2N forward per step)."""
     from transformers import AutoTokenizer
 
@@ -75,7 +82,8 @@ def run_ours(model: str, sentences: list[str], args: argparse.Namespace, workdir
     config = TrainConfig(
         model=model, output_dir=str(workdir), batch_size=args.batch_size, max_seq_length=args.max_len,
         max_steps=args.steps, learning_rate=3e-5, do_eval=False, save_steps=10**9, logging_steps=10**9,
-        seed=args.seed, precision=args.precision, pooler="avg", head="mlp",
+        seed=args.seed, precision=args.precision, pooler="avg", head="mlp", packing=packing,
+        fast_dropout=fast_dropout,
     )
     tokenizer = AutoTokenizer.from_pretrained(model)
     dataset, _ = tokenize_columns(tokenizer, [sentences], args.max_len)
@@ -117,6 +125,19 @@ def run_st(model: str, sentences: list[str], args: argparse.Namespace, workdir: 
     return {"step_seconds": timer.times}
 
 
+def batch_tokens(model: str, sentences: list[str], batch: int, max_len: int, steps: int) -> tuple[float, float]:
+    """Mean real and padded tokens per step (both views) over the batches the runs see."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    real = padded = 0
+    for i in range(steps):
+        lengths = [len(x) for x in tok(sentences[i * batch : (i + 1) * batch], truncation=True, max_length=max_len)["input_ids"]]
+        real += 2 * sum(lengths)
+        padded += 2 * len(lengths) * max(lengths)
+    return real / steps, padded / steps
+
+
 def summarise(times: list[float], skip: int, batch: int) -> dict:
     """Median step time after warm-up, and sentences (pairs) per second."""
     kept = times[skip:] or times
@@ -148,35 +169,51 @@ def main(argv: list[str] | None = None) -> int:
     config = AutoConfig.from_pretrained(model)
     precisions = args.precisions.split(",")
     runs: dict[str, list[float]] = {}
+    per_round: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for precision in precisions:
                 args.precision = precision
-                for name, fn in (("diffcse", run_ours), ("sentence_transformers", run_st)):
+                variants = (
+                    ("diffcse", run_ours),
+                    ("diffcse_padded", lambda *a: run_ours(*a, packing=False, fast_dropout=False)),
+                    ("sentence_transformers", run_st),
+                )
+                for name, fn in variants:
                     out = fn(model, sentences, args, Path(tmp) / f"{name}-{precision}-{r}")
                     times = out["step_seconds"][args.warmup_steps :]
                     runs.setdefault(f"{name}/{precision}", []).extend(times)
+                    per_round.setdefault(f"{name}/{precision}", []).append(statistics.median(times))
                     print(f"round {r} {name} {precision}: median step {statistics.median(times):.3f}s", file=sys.stderr)
-    # Padded length of a batch: almost every corpus sentence fills max_len, so use max_len.
-    tokens = 2 * args.batch_size * args.max_len
-    flops = encoder_train_flops(config, tokens, args.max_len)
+    real_tokens, padded_tokens = batch_tokens(model, sentences, args.batch_size, args.max_len, args.steps)
+    flops = encoder_train_flops(config, padded_tokens, args.max_len)
     floor_s = flops / (gflops * 1e9)
+    real_floor_s = encoder_train_flops(config, real_tokens, args.max_len) / (gflops * 1e9)
     result = {
         "settings": {**vars(args), "model": model, "train_file": str(path)},
         "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "loadavg_end": os.getloadavg()},
         "matmul_gflops": gflops,
+        "tokens_per_step": {"real": real_tokens, "padded": padded_tokens, "real_fraction": real_tokens / padded_tokens},
         "encoder_train_gflop_per_step": flops / 1e9,
         "flop_floor_step_s": floor_s,
+        "flop_floor_real_tokens_step_s": real_floor_s,
     }
     result["runs"] = {}
     for name, times in runs.items():
         s = summarise(times, 0, args.batch_size)
         s["fraction_of_fp32_flop_floor"] = floor_s / s["median_step_s"]
+        s["fraction_of_fp32_real_token_floor"] = real_floor_s / s["median_step_s"]
         result["runs"][name] = s
     speed = {k: v["sentences_per_s"] for k, v in result["runs"].items()}
-    result["speedup"] = {
-        f"{p} vs {p}": speed[f"diffcse/{p}"] / speed[f"sentence_transformers/{p}"] for p in precisions
+    result["speedup"] = {}
+    for p in precisions:
+        result["speedup"][f"{p} vs {p}"] = speed[f"diffcse/{p}"] / speed[f"sentence_transformers/{p}"]
+        result["speedup"][f"{p} vs {p}, packing and fast dropout off"] = speed[f"diffcse_padded/{p}"] / speed[f"sentence_transformers/{p}"]
+    # The machine's speed drifts between runs; each round's own ratio shows how much.
+    result["speedup_per_round"] = {
+        f"{p} vs {p}": [st / ours for ours, st in zip(per_round[f"diffcse/{p}"], per_round[f"sentence_transformers/{p}"], strict=True)]
+        for p in precisions
     }
     if {"fp32", "bf16"} <= set(precisions):
         # Our default precision is 'auto' (bf16 autocast where the hardware has bf16 units);
@@ -184,12 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         result["speedup"]["defaults: diffcse bf16 vs st fp32"] = (
             speed["diffcse/bf16"] / speed["sentence_transformers/fp32"]
         )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, out)
-    print(json.dumps({k: result[k] for k in ("matmul_gflops", "flop_floor_step_s", "runs", "speedup")}, indent=2))
+    write_json_atomic(args.output, result)
+    print(json.dumps({k: result[k] for k in ("matmul_gflops", "flop_floor_step_s", "tokens_per_step", "runs", "speedup", "speedup_per_round")}, indent=2))
     return 0
 
 

@@ -14,12 +14,13 @@ class FolderEncoder:
     preferred_chunk_size = 8192
 
     def __init__(self, model: str | None, pooler: str | None = None, max_seq_length: int | None = None,
-                 device: str | None = None, batch_size: int = 64) -> None:
+                 device: str | None = None, batch_size: int = 64, precision: str = "fp32") -> None:
         """Load ``model`` with ``pooler`` (None = the folder's own pooling, 'st' = SentenceTransformer)."""
         # Imported here so senteval_runner's core does not depend on the training package.
         from diffcse.encoder import Encoder
 
-        self.encoder = Encoder.load(model, pooler=pooler, max_seq_length=max_seq_length, device=device)
+        self.encoder = Encoder.load(model, pooler=pooler, max_seq_length=max_seq_length, device=device,
+                                    precision=precision)
         self.batch_size = batch_size
         self.description = {
             "model": str(getattr(self.encoder, "name_or_path", model)),
@@ -27,6 +28,7 @@ class FolderEncoder:
             "max_seq_length": int(self.encoder.max_seq_length),
             "normalize": bool(getattr(self.encoder, "normalize_default", False)),
             "device": str(self.encoder.device),
+            "precision": precision,
         }
 
     def __call__(self, sentences: list[str]) -> np.ndarray:
@@ -35,6 +37,7 @@ class FolderEncoder:
 
 
 def load_encoder(model: str | None, pooler: str | None = None, max_seq_length: int | None = None,
-                 device: str | None = None, batch_size: int = 64) -> Callable[[list[str]], np.ndarray]:
+                 device: str | None = None, batch_size: int = 64,
+                 precision: str = "fp32") -> Callable[[list[str]], np.ndarray]:
     """Adapter for a model folder; see FolderEncoder."""
-    return FolderEncoder(model, pooler, max_seq_length, device, batch_size)
+    return FolderEncoder(model, pooler, max_seq_length, device, batch_size, precision)

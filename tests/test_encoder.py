@@ -72,3 +72,15 @@ def test_bad_model_path_and_pooler() -> None:
         Encoder.load("./no/such/model")
     with pytest.raises(ValueError, match="unknown pooler"):
         Encoder.load(None, pooler="max")
+
+
+def test_bf16_precision_is_a_close_but_distinct_named_mode(tiny_bert_dir: str) -> None:
+    texts = sentences(12, seed=5)
+    ref = Encoder.load(tiny_bert_dir, pooler="avg").encode(texts, normalize=True)
+    fast_enc = Encoder.load(tiny_bert_dir, pooler="avg", precision="bf16")
+    fast = fast_enc.encode(texts, normalize=True)
+    assert fast.dtype == np.float32 and fast.shape == ref.shape
+    assert not np.array_equal(fast, ref)  # the autocast really ran
+    assert (fast * ref).sum(1).min() > 0.99
+    with pytest.raises(ValueError, match="precision"):
+        Encoder.load(tiny_bert_dir, precision="fp8")
