@@ -1,6 +1,6 @@
 """Padding-free training forwards: a batch's real tokens packed into one row.
 
-A SimCSE batch of wiki sentences cut at 32 tokens is about a quarter padding, and a padded
+A SimCSE batch of wiki sentences cut at 32 tokens is about a third padding, and a padded
 forward spends the same FLOPs on a pad as on a word. Packing lays the batch's real tokens end to
 end ([1, T] with T = number of real tokens), so every Linear/LayerNorm/GELU/dropout runs on real
 tokens only; attention alone re-pads per sentence (it is a few percent of the FLOPs at these
@@ -157,12 +157,6 @@ def enable_packing(backbone: nn.Module) -> bool:
     return ok
 
 
-def disable_packing(backbone: nn.Module) -> None:
-    """Put the backbone back on plain SDPA (e.g. before saving it for other tools to load)."""
-    if backbone.config._attn_implementation == ATTENTION:
-        backbone.set_attn_implementation("sdpa")
-
-
 @torch.no_grad()
 def _check(backbone: nn.Module) -> bool:
     """Run a 3-sentence batch padded and packed (eval mode) and compare the token states."""
@@ -216,6 +210,13 @@ class Packable:
         """Draw the transformer's dropout masks with diffcse.dropout (same law, ~2x cheaper on CPU)."""
         use_fast_dropout(self.packed_transformer())
         self.fast_dropout = True
+
+    def speed_up(self, packing: bool, fast_dropout: bool) -> None:
+        """Switch on what the training config asks for (TrainConfig.packing / .fast_dropout)."""
+        if packing:
+            self.enable_packing()
+        if fast_dropout:
+            self.enable_fast_dropout()
 
     def packing_for(self, attention_mask: torch.Tensor) -> Packing | None:
         """How to pack this batch, or None to run it padded."""

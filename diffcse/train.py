@@ -52,10 +52,7 @@ def build_model(config: TrainConfig, model_path: str, tokenizer: object) -> Cont
         head=config.head,
         mlp_only_train=config.mlp_only_train,
     )
-    if config.packing:
-        encoder.enable_packing()
-    if config.fast_dropout:
-        encoder.enable_fast_dropout()
+    encoder.speed_up(config.packing, config.fast_dropout)
     if config.sync_batchnorm:
         convert_batchnorm(encoder)
     # The backbone's own pooler layer is never used in training; frozen, DDP need not track it.

@@ -172,15 +172,9 @@ class DiffCSEModel(ContrastiveModel):
         if discriminator.transformer.config.hidden_size != encoder.hidden_size:
             raise ValueError("discriminator: hidden size differs from the encoder's")
         # Counting padding in L_RTD (the reference's behaviour) needs the pads' real logits.
-        if config.packing and not config.rtd_count_padding:
-            discriminator.enable_packing()
-        if config.fast_dropout:
-            discriminator.enable_fast_dropout()
+        discriminator.speed_up(config.packing and not config.rtd_count_padding, config.fast_dropout)
         if isinstance(generator, MLMGenerator):
-            if config.packing:
-                generator.enable_packing()
-            if config.fast_dropout:
-                generator.enable_fast_dropout()
+            generator.speed_up(config.packing, config.fast_dropout)
         return cls(
             encoder, loss, masker, generator, discriminator,
             ReplacedTokenDetectionLoss(config.rtd_count_padding), config.lambda_weight, config.discriminator_input,
