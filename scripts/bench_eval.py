@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-sts", action="store_true")
     p.add_argument("--skip-transfer", action="store_true")
     args = p.parse_args(argv)
+    if args.baseline and not Path(args.baseline).is_file():
+        # Fail before the (minutes-long) run, not after it with nothing written.
+        p.error(f"--baseline: {args.baseline} is not a file")
 
     import torch
 
