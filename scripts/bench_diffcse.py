@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_train import (  # scripts/ is on sys.path when run as a script
+    encoder_train_flops,
+    matmul_gflops,
+)
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForMaskedLM, TrainerCallback
 
 from diffcse.config import TrainConfig, resolve_precision
@@ -183,6 +187,39 @@ def make_random_mlm(model: str, folder: Path, layers: int) -> str:
     return str(folder)
 
 
+def flop_floor(model: str, mlm: str, lengths: list[int], args: argparse.Namespace) -> dict:
+    """Matmul FLOPs of one step of each timed variant, relative to SimCSE's: a ratio no implementation beats.
+
+    Counts what the design must compute on real tokens (packed): encoder and discriminator forward +
+    backward, the frozen generator's forward, its LM head (transform + vocabulary projection) at the
+    selected positions or, for the reference design, at every position. Ignores everything else.
+    """
+
+    enc, gen = AutoConfig.from_pretrained(model), AutoConfig.from_pretrained(mlm)
+    mean_len = statistics.fmean(lengths)
+    tokens = 2 * args.batch_size * mean_len  # two views of each sentence
+    # Bernoulli(mask_ratio) over ordinary tokens: all but the two specials of each view.
+    selected = args.mask_ratio * 2 * args.batch_size * (mean_len - 2)
+    simcse = encoder_train_flops(enc, tokens, mean_len)
+    generator = encoder_train_flops(gen, tokens, mean_len) / 3  # forward only
+    lm_head = 2 * gen.hidden_size * (gen.hidden_size + gen.vocab_size)  # per position
+    k2 = simcse * 2 / enc.num_hidden_layers
+    flops = {
+        "simcse": simcse,
+        "diffcse-neighbours": 2 * simcse,
+        "diffcse-neighbours-k2": simcse + k2,
+        "diffcse-mlm-masked-only": 2 * simcse + generator + selected * lm_head,
+        "diffcse-mlm-full-logits": 2 * simcse + generator + tokens * lm_head,
+    }
+    return {
+        "ratio_to_simcse": {k: round(v / simcse, 3) for k, v in flops.items()},
+        "gflop_per_step": {k: round(v / 1e9, 1) for k, v in flops.items()},
+        "mean_tokens_per_sentence": round(mean_len, 2),
+        "what": "matmul FLOPs on real tokens only (encoder_train_flops of scripts/bench_train.py); "
+                "a lower bound on any implementation's step-time ratio at equal FLOP efficiency",
+    }
+
+
 def timing_phase(args: argparse.Namespace, model: str, sentences_file: str, tmp: Path) -> dict:
     """Median step time of each variant, variants alternating over rounds; no evaluation, no saving."""
     from diffcse.data import ViewCollator, read_sentences, tokenize_columns
@@ -233,6 +270,10 @@ def timing_phase(args: argparse.Namespace, model: str, sentences_file: str, tmp:
         "steps_timed_per_variant": {name: len(t) for name, t in times.items()},
         "mlm_generator": f"random-weight BertForMaskedLM, {AutoConfig.from_pretrained(mlm).num_hidden_layers} layers, "
                          "encoder width and vocabulary (timing only)",
+        "flop_floor": flop_floor(model, mlm, [len(x) for x in dataset.columns[0]], args),
+        "precision": resolve_precision(args.precision),
+        "threads": torch.get_num_threads(),
+        "matmul_gflops": round(matmul_gflops(), 1),
     }
 
 

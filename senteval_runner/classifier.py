@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import fused
+
 
 @dataclass(frozen=True)
 class ClassifierConfig:
@@ -245,9 +247,41 @@ class _PermStream:
         return perm
 
 
+KERNELS = ("auto", "fused", "torch")
+
+
+def resolve_kernel(kernel: str, device: str = "cpu") -> str:
+    """Which batched kernel runs: 'fused' (numba, CPU) or 'torch'; 'auto' picks fused on CPU if it can."""
+    if kernel not in KERNELS:
+        raise ValueError(f"classifier kernel: {kernel!r} is not one of {', '.join(KERNELS)}")
+    cpu = torch.device(device).type == "cpu"
+    if kernel == "auto":
+        return "fused" if cpu and fused.available() else "torch"
+    if kernel == "fused" and not cpu:
+        raise ValueError(f"classifier kernel 'fused' runs on the CPU only, not on {device!r}")
+    if kernel == "fused" and not fused.available():
+        raise ValueError("classifier kernel 'fused' needs numba: pip install numba")
+    return kernel
+
+
+def kernel_description(kernel: str | None) -> str:
+    """How a run's classifiers were trained, for reports."""
+    if kernel is None:
+        return "reference (one torch model at a time)"
+    if kernel == "fused":
+        return f"fused (numba, {fused.threads()} threads)"
+    return "torch (batched ops)"
+
+
 def fit_batched(X: np.ndarray, y: np.ndarray, specs: list[FitSpec], nclasses: int, cfg: ClassifierConfig,
-                seed: int = 1111, device: str = "cpu", val_chunk_elems: int = 8_000_000) -> list[FitResult]:
-    """Fit every spec as one batched model; same protocol per model as ``fit_reference``."""
+                seed: int = 1111, device: str = "cpu", val_chunk_elems: int = 8_000_000,
+                kernel: str = "auto") -> list[FitResult]:
+    """Fit every spec as one batched model; same protocol per model as ``fit_reference``.
+
+    kernel: 'fused' runs the training passes in senteval_runner.fused (numba, CPU only), 'torch'
+    as batched torch ops on any device; 'auto' = fused on CPU when numba is installed.
+    """
+    use_fused = resolve_kernel(kernel, device) == "fused"
     if not specs:
         return []
     dev = torch.device(device)
@@ -303,33 +337,12 @@ def fit_batched(X: np.ndarray, y: np.ndarray, specs: list[FitSpec], nclasses: in
     pass_no = 0
     while len(active) and nepoch <= cfg.max_epoch:
         a_idx = torch.as_tensor(active, device=dev)
-        Pa, M1a = P[a_idx], m1[a_idx]
-        M2a = m2[a_idx] if m2 is not None else None
-        wda = wd[a_idx]
-        # Stopped members of a live group are still computed but never update P.
-        live = alive[torch.as_tensor(active)].to(dev)[:, None, :, None].to(torch.float32)
-        Ga = len(active)
-        for _ in range(cfg.epoch_size):
-            nb_a = nb[active]
-            nbmax = int(nb_a.max())
-            rows = np.zeros((Ga, nbmax * B), dtype=np.int64)
-            wrow = np.zeros((Ga, nbmax * B), dtype=np.float32)
-            for j, gi in enumerate(active):
-                g = groups[gi]
-                perm = streams.next(g.key, pass_no)
-                rows[j, : len(g.train)] = g.train[perm]
-                # Mean loss over the real rows of each mini-batch (the last one is shorter).
-                sizes = np.minimum(B, len(g.train) - B * np.arange(nb[gi]))
-                wrow[j, : len(g.train)] = np.repeat(1.0 / sizes, sizes)
-            pass_no += 1
-            rows_t = torch.as_tensor(rows.reshape(Ga, nbmax, B).transpose(1, 0, 2).copy(), device=dev)
-            wrow_t = torch.as_tensor(wrow.reshape(Ga, nbmax, B).transpose(1, 0, 2).copy(), device=dev)
-            for s in range(nbmax):
-                sel = None if s < int(nb_a.min()) else np.nonzero(nb_a > s)[0]
-                _step(Xa, yt, rows_t[s], wrow_t[s], Pa, M1a, M2a, wda, live, t, active, sel, cfg, R, C)
-        P[a_idx], m1[a_idx] = Pa, M1a
-        if m2 is not None:
-            m2[a_idx] = M2a
+        if use_fused:
+            _fused_epoch(Xa, yt, groups, active, streams, pass_no, P, m1, m2, wd, alive, t, cfg)
+            Pa = P[a_idx]
+        else:
+            Pa = _torch_epoch(Xa, yt, groups, active, streams, pass_no, nb, P, m1, m2, wd, alive, t, cfg)
+        pass_no += cfg.epoch_size
         nepoch += cfg.epoch_size
         # Validation accuracy of every live model (chunked to bound memory).
         correct = _val_correct(Xa, Pa, val_rows_t[a_idx], val_y[a_idx], val_mask_t[a_idx], R, C, val_chunk_elems)
@@ -353,6 +366,68 @@ def fit_batched(X: np.ndarray, y: np.ndarray, specs: list[FitSpec], nclasses: in
             out[k] = FitResult(int(best[gi, r]), int(nval[gi]), best_P[gi, :, r, :].t().detach().cpu().contiguous(),
                                int(epochs_run[gi, r]), int(epochs_run[gi, r]) * int(nb[gi]))
     return out  # type: ignore[return-value]
+
+
+def _epoch_rows(groups: list[_Group], active: np.ndarray, streams: _PermStream, pass_no: int,
+                passes: int) -> np.ndarray:
+    """Training rows of each active group for the next ``passes`` passes, in mini-batch order."""
+    maxn = max(len(groups[gi].train) for gi in active)
+    rows = np.zeros((len(active), passes, maxn), dtype=np.int64)
+    # Pass-major: groups on one RNG stream must all take pass p before anyone draws pass p+1.
+    for p in range(passes):
+        for j, gi in enumerate(active):
+            g = groups[gi]
+            rows[j, p, : len(g.train)] = g.train[streams.next(g.key, pass_no + p)]
+    return rows
+
+
+def _fused_epoch(Xa: torch.Tensor, yt: torch.Tensor, groups: list[_Group], active: np.ndarray,
+                 streams: _PermStream, pass_no: int, P: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor | None,
+                 wd: torch.Tensor, alive: torch.Tensor, t: torch.Tensor, cfg: ClassifierConfig) -> None:
+    """One epoch (epoch_size passes) of every active group with the fused CPU kernel, in place."""
+    rows = _epoch_rows(groups, active, streams, pass_no, cfg.epoch_size)
+    ntrain = np.array([len(groups[gi].train) for gi in active], dtype=np.int64)
+    G, _, R, _ = P.shape
+    fused.train_passes(Xa.numpy(), yt.numpy(), active.astype(np.int64), rows, ntrain, P.numpy(), m1.numpy(),
+                       None if m2 is None else m2.numpy(), wd.view(G, R).numpy(), alive.numpy(), t.numpy(),
+                       cfg.batch_size, cfg.optim, ADAM if cfg.optim == "adam" else RMSPROP)
+
+
+def _torch_epoch(Xa: torch.Tensor, yt: torch.Tensor, groups: list[_Group], active: np.ndarray,
+                 streams: _PermStream, pass_no: int, nb: np.ndarray, P: torch.Tensor, m1: torch.Tensor,
+                 m2: torch.Tensor | None, wd: torch.Tensor, alive: torch.Tensor, t: torch.Tensor,
+                 cfg: ClassifierConfig) -> torch.Tensor:
+    """One epoch of every active group as batched torch ops (any device); returns the active groups' P."""
+    dev = P.device
+    B, C, R = cfg.batch_size, P.shape[1], P.shape[2]
+    a_idx = torch.as_tensor(active, device=dev)
+    Pa, M1a = P[a_idx], m1[a_idx]
+    M2a = m2[a_idx] if m2 is not None else None
+    wda = wd[a_idx]
+    # Stopped members of a live group are still computed but never update P.
+    live = alive[torch.as_tensor(active)].to(dev)[:, None, :, None].to(torch.float32)
+    Ga = len(active)
+    nb_a = nb[active]
+    nbmax = int(nb_a.max())
+    all_rows = _epoch_rows(groups, active, streams, pass_no, cfg.epoch_size)
+    for p in range(cfg.epoch_size):
+        rows = np.zeros((Ga, nbmax * B), dtype=np.int64)
+        wrow = np.zeros((Ga, nbmax * B), dtype=np.float32)
+        for j, gi in enumerate(active):
+            n = len(groups[gi].train)
+            rows[j, :n] = all_rows[j, p, :n]
+            # Mean loss over the real rows of each mini-batch (the last one is shorter).
+            sizes = np.minimum(B, n - B * np.arange(nb[gi]))
+            wrow[j, :n] = np.repeat(1.0 / sizes, sizes)
+        rows_t = torch.as_tensor(rows.reshape(Ga, nbmax, B).transpose(1, 0, 2).copy(), device=dev)
+        wrow_t = torch.as_tensor(wrow.reshape(Ga, nbmax, B).transpose(1, 0, 2).copy(), device=dev)
+        for s in range(nbmax):
+            sel = None if s < int(nb_a.min()) else np.nonzero(nb_a > s)[0]
+            _step(Xa, yt, rows_t[s], wrow_t[s], Pa, M1a, M2a, wda, live, t, active, sel, cfg, R, C)
+    P[a_idx], m1[a_idx] = Pa, M1a
+    if m2 is not None:
+        m2[a_idx] = M2a
+    return Pa
 
 
 def _step(Xa: torch.Tensor, yt: torch.Tensor, rows: torch.Tensor, wrow: torch.Tensor, P: torch.Tensor,

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for encoding")
     p.add_argument("--classifier-threads", type=int, default=1,
                    help="torch CPU threads while fitting classifiers (default 1: their ops are too small to gain)")
+    p.add_argument("--classifier-kernel", default="auto", choices=["auto", "fused", "torch"],
+                   help="batched classifier training: fused numba kernel (CPU; auto's choice there) or torch ops")
     p.add_argument("--seed", type=int, default=1111, help="classifier seed (SentEval: 1111)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(enc, tasks=args.tasks, task_set=args.task_set, mode=args.mode,
                       data_dir=data_dir, batch_size=args.batch_size, seed=args.seed,
                       batched=not args.reference, device=clf_device, sts_dev=args.sts_dev,
-                      classifier_threads=args.classifier_threads,
+                      classifier_threads=args.classifier_threads, classifier_kernel=args.classifier_kernel,
                       progress=progress)
     report["settings"]["encoder"] = enc.description
     print(format_table(report))

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .classifier import CONFIGS
+from .classifier import CONFIGS, kernel_description, resolve_kernel
 from .data import (
     ALL_TASKS,
     STS_SUBSETS,
@@ -144,6 +144,7 @@ def evaluate(
     device: str = "cpu",
     sts_dev: bool = True,
     classifier_threads: int | None = 1,
+    classifier_kernel: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Evaluate an encoder on SentEval tasks; returns a JSON-serialisable dict (results, table, settings, timings).
@@ -156,6 +157,8 @@ def evaluate(
     ``classifier_threads``: torch CPU threads while fitting classifiers (None: leave as is). The
     default 1 is deliberate: the classifiers' ops are ~1 ms each, too small to gain from threads,
     and on a shared machine multi-threaded small ops lose up to 5x to OpenMP waiting.
+    ``classifier_kernel``: how the batched path trains (see classifier.fit_batched): 'auto' uses the
+    fused numba kernel on CPU (its own threads, all cores unless NUMBA_NUM_THREADS says otherwise).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -168,7 +171,8 @@ def evaluate(
     root = resolve_data_dir(data_dir)
     # The dev splits cost little: most of their sentences also occur in STS12-16 (~3% more to encode).
     pair_splits = ("dev",) if mode == "dev" else (("dev", "test") if sts_dev else ("test",))
-    fitter = make_fitter(batched=batched, device=device)
+    kernel = resolve_kernel(classifier_kernel, device) if batched else None
+    fitter = make_fitter(batched=batched, device=device, kernel=kernel or "auto")
     cache = EmbeddingCache(encode, batch_size)
     results: dict[str, dict] = {}
     timings: dict[str, dict[str, float]] = {}
@@ -203,7 +207,8 @@ def evaluate(
         "results": results,
         "table": build_table(results, mode),
         "settings": settings(mode, batch_size, seed, batched, device, root, names, skipped) | {
-            "sts_pair_splits": list(pair_splits), "classifier_threads": classifier_threads},
+            "sts_pair_splits": list(pair_splits), "classifier_threads": classifier_threads,
+            "classifier_kernel": kernel_description(kernel)},
         "timings": {
             "per_task": timings,
             "total_s": round(total, 3),

@@ -29,10 +29,10 @@ NESTED_FOLD_SEED = 1111
 Fitter = Callable[..., list[FitResult]]
 
 
-def make_fitter(batched: bool = True, device: str = "cpu") -> Fitter:
-    """Return the batched trainer or the one-model-at-a-time reference as a fitter."""
+def make_fitter(batched: bool = True, device: str = "cpu", kernel: str = "auto") -> Fitter:
+    """Return the batched trainer (with ``kernel``, see fit_batched) or the one-at-a-time reference."""
     if batched:
-        return partial(fit_batched, device=device)
+        return partial(fit_batched, device=device, kernel=kernel)
 
     def fit_each(X: np.ndarray, y: np.ndarray, specs: list[FitSpec], nclasses: int, cfg: ClassifierConfig,
                  seed: int = 1111) -> list[FitResult]:

@@ -74,6 +74,7 @@ def test_bad_model_path_and_pooler() -> None:
         Encoder.load(None, pooler="max")
 
 
+@pytest.mark.filterwarnings("ignore:precision bf16:UserWarning")  # numerics only; the warning has its own test
 def test_bf16_precision_is_a_close_but_distinct_named_mode(tiny_bert_dir: str) -> None:
     texts = sentences(12, seed=5)
     ref = Encoder.load(tiny_bert_dir, pooler="avg").encode(texts, normalize=True)
@@ -84,3 +85,16 @@ def test_bf16_precision_is_a_close_but_distinct_named_mode(tiny_bert_dir: str) -
     assert (fast * ref).sum(1).min() > 0.99
     with pytest.raises(ValueError, match="precision"):
         Encoder.load(tiny_bert_dir, precision="fp8")
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_bf16_on_a_cpu_without_bf16_units_warns(tiny_bert_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulated bf16 is slower than fp32 (~10x measured): say so instead of silently crawling."""
+    import diffcse.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "bf16_supported", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        Encoder.load(tiny_bert_dir, pooler="avg", precision="bf16", device="cpu")
+    Encoder.load(tiny_bert_dir, pooler="avg", precision="fp32", device="cpu")  # no warning
+    monkeypatch.setattr(encoder_module, "bf16_supported", lambda: True)
+    Encoder.load(tiny_bert_dir, pooler="avg", precision="bf16", device="cpu")  # no warning

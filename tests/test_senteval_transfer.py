@@ -18,6 +18,7 @@ from senteval_runner.classifier import (
     fit_batched,
     fit_reference,
     initial_weight,
+    resolve_kernel,
     split_indices,
 )
 from senteval_runner.engine import evaluate
@@ -111,12 +112,14 @@ def test_early_stopping_counter_never_resets() -> None:
     assert r.epochs < 200
 
 
+@pytest.mark.parametrize("kernel", ["fused", "torch"])
 @pytest.mark.parametrize("mode", ["test", "fasttest"])
-def test_batched_equals_reference(mode: str) -> None:
+def test_batched_equals_reference(mode: str, kernel: str) -> None:
     """Same validation accuracy, same stopping epoch, weights equal to float tolerance, for every model.
 
     Groups differ in size (so some skip the last mini-batch of a pass), one group has fewer
-    members than the others (padding), and one model uses the 5% validation split.
+    members than the others (padding), one model uses the 5% validation split, and the last
+    mini-batch of a pass is not a multiple of the fused kernel's 4-row blocks.
     """
     X, y = toy_problem(260, d=10, c=3, seed=1)
     folds = list(StratifiedKFold(3, shuffle=True, random_state=1111).split(X, y))
@@ -125,11 +128,39 @@ def test_batched_equals_reference(mode: str) -> None:
     specs.append(FitSpec(np.arange(250), 1e-3, validation_split=0.05))
     cfg = CONFIGS[mode]
     ref = [fit_reference(X, y, s, 3, cfg) for s in specs]
-    bat = fit_batched(X, y, specs, 3, cfg)
+    assert any(len(s.train_idx) % cfg.batch_size % 4 for s in specs)
+    bat = fit_batched(X, y, specs, 3, cfg, kernel=kernel)
     for r, b in zip(ref, bat, strict=True):
         assert (r.val_correct, r.n_val, r.epochs, r.steps) == (b.val_correct, b.n_val, b.epochs, b.steps)
         assert torch.allclose(r.weight, b.weight, atol=1e-5)
     assert len({r.epochs for r in ref}) > 1  # models really stopped at different times
+
+
+def test_fused_kernel_equals_torch_kernel_on_a_sentence_sized_problem() -> None:
+    """Both batched kernels at the real shape (384-d, 6 classes like TREC, 64-row batches) agree."""
+    X, y = toy_problem(700, d=384, c=6, seed=3)
+    folds = list(StratifiedKFold(3, shuffle=True, random_state=1111).split(X, y))
+    specs = [FitSpec(tr, reg, val_idx=te) for tr, te in folds for reg in REGS]
+    cfg = ClassifierConfig("adam", 64, tenacity=2, epoch_size=2, max_epoch=12, kfold=3)
+    a = fit_batched(X, y, specs, 6, cfg, kernel="fused")
+    b = fit_batched(X, y, specs, 6, cfg, kernel="torch")
+    for fa, fb in zip(a, b, strict=True):
+        assert (fa.val_correct, fa.epochs, fa.steps) == (fb.val_correct, fb.epochs, fb.steps)
+        assert torch.allclose(fa.weight, fb.weight, atol=1e-4)
+
+
+def test_classifier_kernel_choice_is_checked() -> None:
+    """'auto' is the fused kernel on CPU; an unknown kernel or 'fused' on a GPU is a clear error."""
+    assert resolve_kernel("auto", "cpu") == "fused"
+    assert resolve_kernel("torch", "cpu") == "torch"
+    assert resolve_kernel("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="'numba'"):
+        resolve_kernel("numba")
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_kernel("fused", "cuda")
+    X, y = toy_problem(40)
+    with pytest.raises(ValueError, match="not one of"):
+        fit_batched(X, y, [FitSpec(np.arange(30), 1e-4, val_idx=np.arange(30, 40))], 3, CONFIGS["test"], kernel="x")
 
 
 def test_nested_protocol_batched_equals_reference_on_accuracy() -> None:
