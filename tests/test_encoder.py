@@ -89,7 +89,7 @@ def test_bf16_precision_is_a_close_but_distinct_named_mode(tiny_bert_dir: str) -
 
 @pytest.mark.filterwarnings("error::UserWarning")
 def test_bf16_on_a_cpu_without_bf16_units_warns(tiny_bert_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Emulated bf16 is slower than fp32 (~10x measured): say so instead of silently crawling."""
+    """Emulated bf16 is slower than fp32 (~5x measured on STS12): say so instead of silently crawling."""
     import diffcse.encoder as encoder_module
 
     monkeypatch.setattr(encoder_module, "bf16_supported", lambda: False)
