@@ -282,6 +282,8 @@ def fit_batched(X: np.ndarray, y: np.ndarray, specs: list[FitSpec], nclasses: in
     as batched torch ops on any device; 'auto' = fused on CPU when numba is installed.
     """
     use_fused = resolve_kernel(kernel, device) == "fused"
+    if cfg.optim not in ("adam", "rmsprop"):
+        raise ValueError(f"unsupported optimizer {cfg.optim!r} (SentEval's configs use adam or rmsprop)")
     if not specs:
         return []
     dev = torch.device(device)

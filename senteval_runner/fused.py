@@ -164,6 +164,8 @@ def train_passes(Xa: np.ndarray, y: np.ndarray, groups: np.ndarray, rows: np.nda
     global _compiled
     if numba is None:  # pragma: no cover
         raise RuntimeError("the fused classifier kernel needs numba: pip install numba")
+    if optim not in ("adam", "rmsprop"):
+        raise ValueError(f"unsupported optimizer {optim!r} (adam or rmsprop)")
     if _compiled is None:
         # Reassociation lets LLVM vectorise the dot products; contract allows FMAs.
         _compiled = numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz"})(_kernel)

@@ -159,8 +159,12 @@ def test_classifier_kernel_choice_is_checked() -> None:
     with pytest.raises(ValueError, match="CPU only"):
         resolve_kernel("fused", "cuda")
     X, y = toy_problem(40)
+    spec = FitSpec(np.arange(30), 1e-4, val_idx=np.arange(30, 40))
     with pytest.raises(ValueError, match="not one of"):
-        fit_batched(X, y, [FitSpec(np.arange(30), 1e-4, val_idx=np.arange(30, 40))], 3, CONFIGS["test"], kernel="x")
+        fit_batched(X, y, [spec], 3, CONFIGS["test"], kernel="x")
+    for kernel in ("fused", "torch"):  # neither may quietly train RMSprop instead
+        with pytest.raises(ValueError, match="unsupported optimizer 'sgd'"):
+            fit_batched(X, y, [spec], 3, ClassifierConfig("sgd"), kernel=kernel)
 
 
 def test_nested_protocol_batched_equals_reference_on_accuracy() -> None:
