@@ -340,7 +340,7 @@ def fit_batched(X: np.ndarray, y: np.ndarray, specs: list[FitSpec], nclasses: in
     while len(active) and nepoch <= cfg.max_epoch:
         a_idx = torch.as_tensor(active, device=dev)
         if use_fused:
-            _fused_epoch(Xa, yt, groups, active, streams, pass_no, P, m1, m2, wd, alive, t, cfg)
+            _fused_epoch(Xa, yt, groups, active, streams, pass_no, ntrain, P, m1, m2, wd, alive, t, cfg)
             Pa = P[a_idx]
         else:
             Pa = _torch_epoch(Xa, yt, groups, active, streams, pass_no, nb, P, m1, m2, wd, alive, t, cfg)
@@ -384,13 +384,14 @@ def _epoch_rows(groups: list[_Group], active: np.ndarray, streams: _PermStream, 
 
 
 def _fused_epoch(Xa: torch.Tensor, yt: torch.Tensor, groups: list[_Group], active: np.ndarray,
-                 streams: _PermStream, pass_no: int, P: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor | None,
-                 wd: torch.Tensor, alive: torch.Tensor, t: torch.Tensor, cfg: ClassifierConfig) -> None:
+                 streams: _PermStream, pass_no: int, ntrain: np.ndarray, P: torch.Tensor, m1: torch.Tensor,
+                 m2: torch.Tensor | None, wd: torch.Tensor, alive: torch.Tensor, t: torch.Tensor,
+                 cfg: ClassifierConfig) -> None:
     """One epoch (epoch_size passes) of every active group with the fused CPU kernel, in place."""
     rows = _epoch_rows(groups, active, streams, pass_no, cfg.epoch_size)
-    ntrain = np.array([len(groups[gi].train) for gi in active], dtype=np.int64)
     G, _, R, _ = P.shape
-    fused.train_passes(Xa.numpy(), yt.numpy(), active.astype(np.int64), rows, ntrain, P.numpy(), m1.numpy(),
+    fused.train_passes(Xa.numpy(), yt.numpy(), active.astype(np.int64), rows, ntrain[active].astype(np.int64),
+                       P.numpy(), m1.numpy(),
                        None if m2 is None else m2.numpy(), wd.view(G, R).numpy(), alive.numpy(), t.numpy(),
                        cfg.batch_size, cfg.optim, ADAM if cfg.optim == "adam" else RMSPROP)
 

@@ -51,9 +51,8 @@ def _kernel(Xa, y, groups, rows, ntrain, P, M1, M2, wd, live, t,  # noqa: ANN001
         g = groups[j]
         n = ntrain[j]
         grad = np.zeros((C, R, Dp), dtype=np.float32)
-        # logits, then loss gradients, of the mini-batch; padded to whole blocks of 4 rows
-        lg = np.zeros((C, R, batch_size + 4), dtype=np.float32)
-        rr = np.zeros(batch_size + 4, dtype=np.int64)  # the mini-batch's rows, padded likewise
+        lg = np.zeros((C, 4), dtype=np.float32)  # logits, then loss gradients, of one block of rows
+        rr = np.zeros(batch_size + 4, dtype=np.int64)  # the mini-batch's rows, padded to whole blocks
         for p in range(npass):
             for start in range(0, n, batch_size):
                 bsz = min(batch_size, n - start)
@@ -63,6 +62,7 @@ def _kernel(Xa, y, groups, rows, ntrain, P, M1, M2, wd, live, t,  # noqa: ANN001
                 # A short last block repeats the last row; its gradient weight is 0.
                 for b in range(bsz + 3 - (bsz + 3) % 4):
                     rr[b] = rows[j, p, start + min(b, bsz - 1)]
+                grad[:] = zero
                 for b0 in range(0, bsz, 4):
                     x0, x1, x2, x3 = Xa[rr[b0]], Xa[rr[b0 + 1]], Xa[rr[b0 + 2]], Xa[rr[b0 + 3]]
                     for r in range(R):
@@ -80,43 +80,36 @@ def _kernel(Xa, y, groups, rows, ntrain, P, M1, M2, wd, live, t,  # noqa: ANN001
                                 s1 += wk * x1[k]
                                 s2 += wk * x2[k]
                                 s3 += wk * x3[k]
-                            lg[c, r, b0] = s0
-                            lg[c, r, b0 + 1] = s1
-                            lg[c, r, b0 + 2] = s2
-                            lg[c, r, b0 + 3] = s3
-                # d(mean CE)/d(logit) = (softmax - onehot) / bsz; 0 for the padding rows
-                for r in range(R):
-                    if not live[g, r]:
-                        continue
-                    for b in range(bsz):
-                        mx = lg[0, r, b]
-                        for c in range(1, C):
-                            mx = max(mx, lg[c, r, b])
-                        tot = zero
+                            lg[c, 0] = s0
+                            lg[c, 1] = s1
+                            lg[c, 2] = s2
+                            lg[c, 3] = s3
+                        # d(mean CE)/d(logit) = (softmax - onehot) / bsz; 0 for the padding rows
+                        for q in range(4):
+                            if b0 + q >= bsz:
+                                for c in range(C):
+                                    lg[c, q] = zero
+                                continue
+                            mx = lg[0, q]
+                            for c in range(1, C):
+                                mx = max(mx, lg[c, q])
+                            tot = zero
+                            for c in range(C):
+                                e = np.exp(lg[c, q] - mx)
+                                lg[c, q] = e
+                                tot += e
+                            label = y[rr[b0 + q]]
+                            for c in range(C):
+                                coef = lg[c, q] / tot
+                                if c == label:
+                                    coef -= one
+                                lg[c, q] = coef * inv
+                        # the gradient, while the block's rows are still in L1
                         for c in range(C):
-                            e = np.exp(lg[c, r, b] - mx)
-                            lg[c, r, b] = e
-                            tot += e
-                        label = y[rr[b]]
-                        for c in range(C):
-                            coef = lg[c, r, b] / tot
-                            if c == label:
-                                coef -= one
-                            lg[c, r, b] = coef * inv
-                    for b in range(bsz, batch_size + 4):
-                        for c in range(C):
-                            lg[c, r, b] = zero
-                grad[:] = zero
-                for b0 in range(0, bsz, 4):
-                    x0, x1, x2, x3 = Xa[rr[b0]], Xa[rr[b0 + 1]], Xa[rr[b0 + 2]], Xa[rr[b0 + 3]]
-                    for r in range(R):
-                        if not live[g, r]:
-                            continue
-                        for c in range(C):
-                            c0 = lg[c, r, b0]
-                            c1 = lg[c, r, b0 + 1]
-                            c2 = lg[c, r, b0 + 2]
-                            c3 = lg[c, r, b0 + 3]
+                            c0 = lg[c, 0]
+                            c1 = lg[c, 1]
+                            c2 = lg[c, 2]
+                            c3 = lg[c, 3]
                             gr = grad[c, r]
                             for k in range(Dp):
                                 gr[k] += c0 * x0[k] + c1 * x1[k] + c2 * x2[k] + c3 * x3[k]
