@@ -106,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline and not Path(args.baseline).is_file():
         # Fail before the (minutes-long) run, not after it with nothing written.
         p.error(f"--baseline: {args.baseline} is not a file")
+    from senteval_runner.data import TRANSFER_TASKS
+
+    for flag in ("ref_tasks", "kernel_tasks", "check_tasks"):
+        value = getattr(args, flag)
+        unknown = [] if value == "none" else [t for t in value.split(",") if t and t not in TRANSFER_TASKS]
+        if unknown:  # these run after the transfer suite: a typo would cost the whole run
+            p.error(f"--{flag.replace('_', '-')}: unknown task(s) {', '.join(unknown)}; "
+                    f"choose from {', '.join(TRANSFER_TASKS)} or 'none'")
 
     import torch
 
