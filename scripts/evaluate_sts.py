@@ -8,7 +8,7 @@ import sys
 # multi-threaded inference several-fold; on an idle one this costs nothing measurable.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from senteval_runner.cli import main  # noqa: E402
+from diffcse.evaluation.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

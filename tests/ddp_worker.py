@@ -13,10 +13,10 @@ def build(model_dir: str, head: str, objective: str = "simcse"):
     """The model both the DDP ranks and the single-process reference use (dropout off)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from diffcse.distributed import convert_batchnorm
-    from diffcse.modeling import SentenceEncoder
-    from diffcse.objectives.contrastive import ContrastiveModel
-    from diffcse.objectives.infonce import InfoNCE
+    from diffcse.core.modeling import SentenceEncoder
+    from diffcse.training.distributed import convert_batchnorm
+    from diffcse.training.objectives.contrastive import ContrastiveModel
+    from diffcse.training.objectives.infonce import InfoNCE
 
     torch.manual_seed(0)
     backbone = AutoModel.from_pretrained(model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -25,10 +25,10 @@ def build(model_dir: str, head: str, objective: str = "simcse"):
     if objective == "simcse":
         # float64, so the comparison can be strict: fp32 rounding differs with how rows are split.
         return ContrastiveModel(encoder, InfoNCE(0.05, hard_negative_weight=0.5)).double().train()
-    from diffcse.objectives.diffcse import ConditionalDiscriminator, DiffCSEModel
-    from diffcse.objectives.generators import RandomGenerator
-    from diffcse.objectives.masking import TokenMasker
-    from diffcse.objectives.rtd import ReplacedTokenDetectionLoss
+    from diffcse.training.objectives.diffcse import ConditionalDiscriminator, DiffCSEModel
+    from diffcse.training.objectives.generators import RandomGenerator
+    from diffcse.training.objectives.masking import TokenMasker
+    from diffcse.training.objectives.rtd import ReplacedTokenDetectionLoss
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     disc = ConditionalDiscriminator(

@@ -20,19 +20,19 @@ from transformers import (
     DistilBertForMaskedLM,
 )
 
-from diffcse.config import TrainConfig
-from diffcse.modeling import BatchNormProjection
-from diffcse.objectives.diffcse import ConditionalDiscriminator, DiffCSEModel
-from diffcse.objectives.generators import (
+from diffcse.core.modeling import BatchNormProjection
+from diffcse.core.packing import PACKING_KWARG
+from diffcse.training.config import TrainConfig
+from diffcse.training.objectives.diffcse import ConditionalDiscriminator, DiffCSEModel
+from diffcse.training.objectives.generators import (
     EmbeddingNeighboursGenerator,
     MLMGenerator,
     RandomGenerator,
     neighbour_table,
 )
-from diffcse.objectives.masking import TokenMasker, special_token_ids
-from diffcse.objectives.rtd import ReplacedTokenDetectionLoss
-from diffcse.packing import PACKING_KWARG
-from diffcse.train import build_model
+from diffcse.training.objectives.masking import TokenMasker, special_token_ids
+from diffcse.training.objectives.rtd import ReplacedTokenDetectionLoss
+from diffcse.training.trainer import build_model
 
 
 def save_tiny_mlm(folder: Path, tokenizer: object, arch: str, seed: int = 1) -> str:
@@ -71,7 +71,9 @@ def batch(tok: object) -> dict[str, torch.Tensor]:
 
 
 def diffcse_model(model_dir: str, tok: object, **kw: object) -> DiffCSEModel:
+    kw.setdefault("generator", "embedding-neighbours")
     config = TrainConfig(model=model_dir, objective="diffcse", head="batchnorm", pooler="cls", **kw)
+    config.validate()
     model = build_model(config, model_dir, tok)
     assert isinstance(model, DiffCSEModel)
     return model.train()
@@ -216,7 +218,7 @@ def test_generator_that_is_not_an_mlm_is_a_clear_error(tiny_bert_dir: str, tiny_
             diffcse_model(tiny_bert_dir, tok, generator=f"mlm:{path}")
     with pytest.raises(ValueError, match="generator: 'electra'"):
         diffcse_model(tiny_bert_dir, tok, generator="electra")
-    with pytest.raises(FileNotFoundError, match="generator"):
+    with pytest.raises(ValueError, match="generator '/no/such/model' is not a folder"):
         diffcse_model(tiny_bert_dir, tok, generator="mlm:/no/such/model")
 
 

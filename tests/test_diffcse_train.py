@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from diffcse.cli import main as cli_main
-from diffcse.config import load_config
-from diffcse.encoder import read_folder_pooling
-from diffcse.train import build_model
+from diffcse.core.encoder import read_folder_pooling
+from diffcse.training.config import load_config
+from diffcse.training.trainer import build_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -55,7 +55,7 @@ def test_diffcse_train_resume_and_export(tiny_bert_dir: str, tmp_path: Path) -> 
     # The exported model is the encoder alone, with CLS pooling.
     exported = load_file(str(out / "model.safetensors"))
     assert set(exported) == set(load_file(str(Path(tiny_bert_dir) / "model.safetensors")))
-    assert read_folder_pooling(str(out))["pooler"] == "cls_before_pooler"
+    assert read_folder_pooling(str(out)).pooler == "cls_before_pooler"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("diffcse-*.yaml")), ids=lambda p: p.name)

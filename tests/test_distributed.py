@@ -15,7 +15,7 @@ import torch
 from conftest import sentences
 from ddp_worker import build, fix_corruption, snapshot
 
-from diffcse.data import ViewCollator, tokenize_columns
+from diffcse.training.data import ViewCollator, tokenize_columns
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
 

@@ -1,4 +1,4 @@
-"""diffcse.dropout: the cheaper mask has dropout's law, scaling and gradient; packed attention dropout is unbiased."""
+"""diffcse.core.dropout: the cheaper mask has dropout's law, scaling and gradient; packed attention dropout is unbiased."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from diffcse.dropout import FastDropout, fast_dropout, use_fast_dropout
-from diffcse.modeling import SentenceEncoder
-from diffcse.packing import PACKING_KWARG, Packing, packed_attention
+from diffcse.core.dropout import FastDropout, fast_dropout, use_fast_dropout
+from diffcse.core.modeling import SentenceEncoder
+from diffcse.core.packing import PACKING_KWARG, Packing, packed_attention
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

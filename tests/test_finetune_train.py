@@ -166,10 +166,10 @@ def test_cli_finetune_end_to_end_with_proxy_inference_and_export(tiny_bert_dir: 
     assert res["accuracy"]["std"] == pytest.approx(accs.std(ddof=1))
     assert "held-out 0.2" in res["protocol"]
     # The exported encoder loads like any other model and differs from the one it started from.
-    from diffcse.encoder import Encoder
+    from diffcse.core.encoder import Encoder
 
     model_dir = out / "MR-4shot-cce_proxyanchor-proxy" / "seed0" / "model"
-    assert (model_dir / "finetune_head.pt").exists()
+    assert (model_dir / "finetune_head.safetensors").exists()
     texts = ["a good fun movie", "the bad sad day"]
     tuned = Encoder.load(str(model_dir), device="cpu").encode(texts)
     base = Encoder.load(tiny_bert_dir, pooler="avg", device="cpu").encode(texts)
@@ -210,6 +210,5 @@ def test_cli_errors_are_one_clear_line(
 
 
 def test_cli_rejects_unknown_task(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit):
-        main(["finetune", "--task", "SICK"])
-    assert "invalid choice: 'SICK'" in capsys.readouterr().err
+    assert main(["finetune", "--task", "SICK"]) == 2
+    assert "unknown task 'SICK'; choose from MR, CR" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffcse.objectives.infonce import InfoNCE
+from diffcse.training.objectives.infonce import InfoNCE
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

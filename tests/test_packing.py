@@ -10,10 +10,10 @@ import torch
 from conftest import sentences
 from transformers import AutoTokenizer, RobertaConfig, RobertaModel
 
-import diffcse.packing as packing_mod
-from diffcse.modeling import SentenceEncoder
-from diffcse.objectives.diffcse import ConditionalDiscriminator
-from diffcse.packing import ATTENTION, Packing
+import diffcse.core.packing as packing_mod
+from diffcse.core.modeling import SentenceEncoder
+from diffcse.core.packing import ATTENTION, Packing
+from diffcse.training.objectives.diffcse import ConditionalDiscriminator
 
 
 def _batch(model_dir: str, n: int = 6) -> dict[str, torch.Tensor]:

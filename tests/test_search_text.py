@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from conftest import build_tiny_model, sentences  # noqa: E402
 
 from diffcse.cli import main  # noqa: E402
-from diffcse.encoder import Encoder  # noqa: E402
+from diffcse.core.encoder import Encoder  # noqa: E402
 from diffcse.search import (  # noqa: E402
     EmptyQueryError,
     IndexMismatchError,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest_senteval import make_tree
 
-from senteval_runner.cli import main, register
+from diffcse.evaluation.cli import main, register
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,9 @@ def test_register_adds_eval_with_func() -> None:
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "--tasks", "STS12", "MR", "--mode", "fasttest", "--pooler", "avg"])
     assert callable(args.func) and args.tasks == ["STS12", "MR"] and args.mode == "fasttest"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["eval", "--task-set", "sts", "--tasks", "STS12"])  # mutually exclusive
+    both = parser.parse_args(["eval", "--task-set", "sts", "--tasks", "STS12"])
+    with pytest.raises(ValueError, match="--tasks and --task-set"):
+        both.func(both)  # mutually exclusive: refused before any model or data is loaded
 
 
 def test_missing_data_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,5 +54,5 @@ def test_eval_runs_minilm_and_writes_json(tmp_path: Path, capsys: pytest.Capture
     assert "| STS13 | STS-B | Avg. |" in capsys.readouterr().out
     rep = json.loads(out.read_text())
     assert set(rep["results"]["STS13"]) == {"FNWN", "headlines", "OnWN", "all"}
-    assert rep["settings"]["encoder"]["pooler"] == "folder default"
+    assert rep["settings"]["encoder"]["pooler"] == "avg"  # MiniLM's own (mean) pooling
     assert rep["table"]["sts"]["STS13"] > 0  # overlap-driven gold: any real encoder correlates

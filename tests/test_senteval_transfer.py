@@ -11,6 +11,7 @@ import torch
 from conftest_senteval import make_tree, toy_encode
 from sklearn.model_selection import StratifiedKFold
 
+from diffcse.core.io import write_json_atomic
 from senteval_runner.classifier import (
     CONFIGS,
     ClassifierConfig,
@@ -22,7 +23,7 @@ from senteval_runner.classifier import (
     split_indices,
 )
 from senteval_runner.engine import evaluate
-from senteval_runner.report import format_table, write_json_atomic
+from senteval_runner.report import format_table
 from senteval_runner.transfer import REGS, kfold_specs, make_fitter, nested_specs, run_nested_kfold
 
 torch.set_num_threads(1)

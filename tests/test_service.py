@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 import uvicorn  # noqa: E402
 from conftest import sentences  # noqa: E402
 
-from diffcse.encoder import Encoder  # noqa: E402
+from diffcse.core.encoder import Encoder  # noqa: E402
 from diffcse.search import SearchIndex, read_manifest  # noqa: E402
 from diffcse.search.service import ServiceLimits, create_app  # noqa: E402
 

@@ -16,12 +16,19 @@ from test_infonce import naive_infonce
 
 from diffcse.cli import build_parser
 from diffcse.cli import main as cli_main
-from diffcse.config import HEADS, TrainConfig, load_config
-from diffcse.data import InputError, ViewCollator, read_sentences, read_triples, tokenize_columns
-from diffcse.modeling import HEADS as MODEL_HEADS
-from diffcse.modeling import BatchNormProjection, MLPHead, SentenceEncoder
-from diffcse.objectives.contrastive import ContrastiveModel
-from diffcse.objectives.infonce import InfoNCE
+from diffcse.core.modeling import HEADS as MODEL_HEADS
+from diffcse.core.modeling import BatchNormProjection, MLPHead, SentenceEncoder
+from diffcse.core.options import from_args
+from diffcse.training.config import HEADS, TrainConfig, load_config
+from diffcse.training.data import (
+    InputError,
+    ViewCollator,
+    read_sentences,
+    read_triples,
+    tokenize_columns,
+)
+from diffcse.training.objectives.contrastive import ContrastiveModel
+from diffcse.training.objectives.infonce import InfoNCE
 
 
 def tiny_config(model: str, train_file: Path, out: Path, **kw: object):
@@ -99,8 +106,8 @@ def test_export_loads_in_sentence_transformers_and_automodel(tiny_bert_dir: str,
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from diffcse.encoder import Encoder
-    from diffcse.train import train
+    from diffcse.core.encoder import Encoder
+    from diffcse.training.trainer import train
 
     out = tmp_path / "run"
     summary = train(tiny_config(tiny_bert_dir, corpus, out))
@@ -127,7 +134,7 @@ def test_export_loads_in_sentence_transformers_and_automodel(tiny_bert_dir: str,
 
 
 def test_resume_gives_same_weights_as_uninterrupted(tiny_bert_dir: str, corpus: Path, tmp_path: Path) -> None:
-    from diffcse.train import train
+    from diffcse.training.trainer import train
 
     full = tmp_path / "full"
     train(tiny_config(tiny_bert_dir, corpus, full))
@@ -152,10 +159,11 @@ def test_resume_gives_same_weights_as_uninterrupted(tiny_bert_dir: str, corpus: 
 
 
 def test_resume_without_checkpoint_is_an_error(tiny_bert_dir: str, corpus: Path, tmp_path: Path) -> None:
-    from diffcse.train import train
+    from diffcse.training.trainer import train
 
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ValueError, match="no checkpoint"):
         train(tiny_config(tiny_bert_dir, corpus, tmp_path / "none", resume=True))
+    assert not (tmp_path / "none").exists()  # a run that failed before writing leaves no empty folder
 
 
 def test_input_file_edge_cases(tmp_path: Path, tiny_bert_dir: str) -> None:
@@ -212,18 +220,18 @@ def test_head_default_follows_objective(tmp_path: Path) -> None:
     assert set(HEADS) - {"auto"} == set(MODEL_HEADS)  # config's choices track modeling's heads
     expected = {"simcse": "mlp", "sup-simcse": "mlp", "diffcse": "batchnorm"}
     for objective, head in expected.items():
-        config = load_config(None, {"objective": objective, "train_file": "x.csv"})
+        config = load_config(None, {"objective": objective, "train_file": "x.csv", "generator": "random"})
         assert config.head == head, objective
         config.validate()  # idempotent once resolved
         assert config.head == head, objective
     # An explicit head always wins, whatever the objective.
     for head in ("none", "mlp", "batchnorm"):
-        assert load_config(None, {"objective": "diffcse", "head": head}).head == head
+        assert load_config(None, {"objective": "diffcse", "head": head, "generator": "random"}).head == head
         assert load_config(None, {"objective": "simcse", "head": head}).head == head
     # The YAML written for the run (and read back by --resume) holds the resolved head.
-    load_config(None, {"objective": "diffcse"}).save(tmp_path / "c.yaml")
+    load_config(None, {"objective": "diffcse", "generator": "random"}).save(tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml").head == "batchnorm"
-    (tmp_path / "d.yaml").write_text("objective: diffcse\nhead: mlp\n")
+    (tmp_path / "d.yaml").write_text("objective: diffcse\nhead: mlp\ngenerator: random\n")
     assert load_config(tmp_path / "d.yaml").head == "mlp"
     with pytest.raises(ValueError, match="head"):
         load_config(None, {"head": "bn"})
@@ -231,9 +239,8 @@ def test_head_default_follows_objective(tmp_path: Path) -> None:
 
 def test_cli_head_default_and_override() -> None:
     def head_of(*argv: str) -> str:
-        args = build_parser().parse_args(["train", *argv])
-        overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-        return load_config(args.config, overrides).head
+        args = build_parser().parse_args(["train", "--generator", "random", *argv])
+        return from_args(TrainConfig, args).head
 
     assert head_of("--objective", "diffcse") == "batchnorm"
     assert head_of("--objective", "diffcse", "--head", "mlp") == "mlp"
@@ -247,7 +254,7 @@ def test_cli_head_default_and_override() -> None:
 def test_diffcse_builds_batchnorm_head_by_default(tiny_bert_dir: str) -> None:
     from transformers import AutoTokenizer
 
-    from diffcse.train import build_model
+    from diffcse.training.trainer import build_model
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
     base = {"model": tiny_bert_dir, "pooler": "cls", "generator": "random", "discriminator_layers": 1}

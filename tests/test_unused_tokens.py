@@ -9,12 +9,12 @@ import torch
 from conftest import sentences, write_vocab
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from diffcse.objectives.generators import (
+from diffcse.training.objectives.generators import (
     EmbeddingNeighboursGenerator,
     RandomGenerator,
     build_generator,
 )
-from diffcse.objectives.masking import (
+from diffcse.training.objectives.masking import (
     TokenMasker,
     ordinary_token_ids,
     placeholder_token_ids,

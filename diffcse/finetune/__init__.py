@@ -15,7 +15,8 @@ _EXPORTS = {
     ),
     "model": ("Featurizer", "FineTuneModel", "pair_features"),
     "sampling": ("holdout_split", "sample_per_class", "stratified_cap"),
-    "train": ("FinetuneConfig", "Finetuner", "RunResult", "run_finetune", "summarize", "write_json_atomic"),
+    "config": ("FinetuneConfig",),
+    "train": ("Finetuner", "RunResult", "run_finetune", "summarize"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from diffcse.modeling import SentenceEncoder, pool
+from diffcse.core.encoder import length_sorted_batches
+from diffcse.core.modeling import SentenceEncoder, pool
 
 
 class _Passthrough(nn.Module):
@@ -128,13 +129,11 @@ class Featurizer:
         if not missing:
             return
         enc = self._tokenize(missing)
-        order = np.argsort([-len(x) for x in enc["input_ids"]], kind="stable")
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         was = self.bottom.training
         self.bottom.eval()
         try:
-            for s in range(0, len(missing), batch_size):
-                idx = order[s : s + batch_size]
+            for idx in length_sorted_batches([len(x) for x in enc["input_ids"]], batch_size):
                 batch = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in keys}, return_tensors="pt")
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 hidden = self.bottom(**batch, return_dict=True).last_hidden_state

@@ -5,79 +5,23 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from diffcse.core.encoder import length_sorted_batches
+from diffcse.core.folder import model_name
+from diffcse.core.io import write_json_atomic
+from diffcse.finetune.config import FinetuneConfig
 from diffcse.finetune.data import Episode, Examples, LoadedTask, load_fewshot_task, make_episode
-from diffcse.finetune.losses import CombinedLoss, LossSpec, parse_loss_spec, proxy_scores
+from diffcse.finetune.losses import CombinedLoss, LossSpec, proxy_scores
 from diffcse.finetune.model import Featurizer, FineTuneModel, Prepared
-from senteval_runner.report import write_json_atomic  # one atomic JSON writer for the project
 
 log = logging.getLogger(__name__)
-
-INFERENCE = ("classifier", "proxy")
-
-
-@dataclass
-class FinetuneConfig:
-    """Every knob of a few-shot fine-tuning run (the CLI's options)."""
-
-    model: str | None = None
-    task: str = "MR"
-    shots: int | None = 16  # per class; None = the whole training pool
-    loss: str = "cce"
-    loss_weights: dict[str, float] = field(default_factory=dict)
-    loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    inference: str = "classifier"
-    seeds: int = 5
-    first_seed: int = 0
-    pooler: str | None = None  # None = the folder's own pooling, else avg
-    lr: float = 2e-5
-    head_lr: float = 1e-2
-    proxy_lr: float = 1e-1
-    weight_decay: float = 0.01
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 16
-    max_seq_length: int = 64
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    train_layers: int | None = None  # None = all layers
-    test_fraction: float = 0.2
-    max_test: int | None = None
-    data_dir: str | None = None
-    output_dir: str = "runs/fs"
-    export: bool = False
-    device: str | None = None
-
-    def validate(self) -> LossSpec:
-        """Check the fields against each other; return the parsed loss spec."""
-        spec = parse_loss_spec(self.loss, self.loss_weights, self.loss_params)
-        if self.inference not in INFERENCE:
-            raise ValueError(f"inference: unknown {self.inference!r}; choose from {', '.join(INFERENCE)}")
-        if self.inference == "proxy" and not spec.proxy_terms:
-            raise ValueError(
-                f"inference: 'proxy' needs a proxy loss (proxyanchor, softtriple, proxynca); loss {self.loss!r} has none"
-            )
-        for name in ("seeds", "epochs", "batch_size", "max_seq_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")
-        if self.shots is not None and self.shots < 1:
-            raise ValueError(f"shots: must be >= 1 or 'all' (got {self.shots})")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps: must be >= 1 (got {self.max_steps})")
-        for name in ("lr", "head_lr", "proxy_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0 (got {getattr(self, name)})")
-        return spec
-
+HEAD_FILE = "finetune_head.safetensors"
 
 @dataclass
 class RunResult:
@@ -96,19 +40,6 @@ class RunResult:
     loss_history: list[float]
 
 
-def _resolve_pooler(model_path: str, pooler: str | None) -> str:
-    """The folder's own pooling when it declares one we can run, else mean pooling."""
-    if pooler is not None:
-        return pooler
-    from diffcse.encoder import read_folder_pooling
-
-    if Path(model_path).is_dir():
-        own = read_folder_pooling(model_path).get("pooler")
-        if own in ("avg", "cls_before_pooler"):
-            return own
-    return "avg"
-
-
 class Finetuner:
     """Holds one pretrained encoder (and the frozen layers' cache) and fine-tunes copies of it."""
 
@@ -120,15 +51,14 @@ class Finetuner:
         train_layers: int | None = None,
         device: str | None = None,
     ) -> None:
-        from transformers import AutoTokenizer
-
-        from diffcse.encoder import resolve_model_path
-        from diffcse.modeling import SentenceEncoder
+        from diffcse.core.folder import load_tokenizer, resolve_model_path, resolve_pooler
+        from diffcse.core.modeling import SentenceEncoder
+        from diffcse.core.runtime import resolve_device
 
         self.model_path = resolve_model_path(model_path)
-        self.pooler = _resolve_pooler(self.model_path, pooler)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.pooler = resolve_pooler(pooler, self.model_path)
+        self.device = torch.device(resolve_device(device))
+        self.tokenizer = load_tokenizer(self.model_path)
         self.max_seq_length = int(max_seq_length)
         self.train_layers = train_layers
         self.pristine = SentenceEncoder.from_pretrained(self.model_path, pooler=self.pooler, head="none").to(self.device)
@@ -217,19 +147,18 @@ class Finetuner:
         )
 
     def export(self, feat: Featurizer, model: FineTuneModel, loss_fn: CombinedLoss, out_dir: Path) -> None:
-        """Export the fine-tuned encoder (as any diffcse model) plus the head and proxies."""
-        from diffcse.export import export_model
+        """Export the fine-tuned encoder (as any diffcse model) plus the head and proxies (safetensors)."""
+        from safetensors.torch import save_file
+
+        from diffcse.core.folder import export_model
+        from diffcse.core.io import atomic_path
 
         export_model(feat.encoder, self.tokenizer, out_dir, self.max_seq_length)
-        state = {"head": model.head.state_dict(), "loss": loss_fn.state_dict(), "pair": model.pair}
-        fd, tmp = tempfile.mkstemp(suffix=".pt", dir=out_dir)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, Path(out_dir) / "finetune_head.pt")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        tensors = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+        tensors.update({f"loss.{k}": v for k, v in loss_fn.state_dict().items()})
+        with atomic_path(Path(out_dir) / HEAD_FILE) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"pair": str(model.pair).lower()})
 
 
 @torch.inference_mode()
@@ -247,11 +176,8 @@ def evaluate(
     model.eval()
     try:
         a, b = tuner.prepare(feat, test)
-        # Length-sorted batches pad less; results go back to input order.
-        order = np.argsort(-a.lengths, kind="stable")
         feats = torch.empty(len(test), model.feature_dim, device=tuner.device)
-        for s in range(0, len(test), batch_size):
-            idx = order[s : s + batch_size]
+        for idx in length_sorted_batches(a.lengths, batch_size):
             feats[torch.as_tensor(idx, device=tuner.device)] = model.features(a, idx, b).float()
         y = torch.as_tensor(test.y, device=tuner.device)
         acc_cls = float((model.head(feats).argmax(1) == y).float().mean())
@@ -282,7 +208,7 @@ def run_name(cfg: FinetuneConfig) -> str:
 def run_finetune(cfg: FinetuneConfig, loaded: LoadedTask | None = None, tuner: Finetuner | None = None) -> dict:
     """Fine-tune over cfg.seeds seeds; write <output_dir>/<run>/results.json and return the summary."""
     spec = cfg.validate()
-    loaded = loaded or load_fewshot_task(cfg.task, cfg.data_dir)
+    loaded = loaded or load_fewshot_task(cfg.task, cfg.senteval_data)
     # Draw every episode before loading the model, so bad shots fail fast.
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
     episodes = [make_episode(loaded, cfg.shots, seed, cfg.test_fraction, cfg.max_test) for seed in seeds]
@@ -302,13 +228,13 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedTask | None = None, tuner: F
         "loss_weights": spec.weights,
         "loss_params": spec.params,
         "inference": cfg.inference,
-        "model": tuner.model_path,
+        "model": model_name(tuner.model_path),
         "pooler": tuner.pooler,
         "protocol": protocol,
         "accuracy": summarize(runs),
         "accuracy_classifier": summarize(runs, "accuracy_classifier"),
         "accuracy_proxy": summarize(runs, "accuracy_proxy"),
-        "config": {k: v for k, v in asdict(cfg).items()},
+        "config": {k: (model_name(v) if k == "model" and v else v) for k, v in asdict(cfg).items()},
         "runs": [asdict(r) for r in runs],
     }
     write_json_atomic(out / "results.json", summary)

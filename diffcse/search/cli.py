@@ -1,160 +1,191 @@
-"""`diffcse index build|add|delete|info`, `diffcse search` and `diffcse serve`."""
+"""`diffcse encode`, `diffcse index build|add|delete|info`, `diffcse search` and `diffcse serve`."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import os
 import random
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from diffcse.core.errors import InputError
+from diffcse.core.options import add_command, opt
 from diffcse.search.manifest import KINDS, MANIFEST_NAME, Manifest
 
 if TYPE_CHECKING:
-    from diffcse.encoder import Encoder
+    from diffcse.core.encoder import Encoder
+
+POOLER_CHOICES = ("st", "cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
+ENCODING_ERRORS = ("strict", "replace")
+
+
+@dataclass(kw_only=True)
+class RuntimeOptions:
+    """Where the command computes."""
+
+    threads: int | None = opt(None, "torch/faiss CPU threads (default: the libraries')", min=1)
+    device: str | None = opt(None, "encoder device (default: cuda if available, else cpu)")
+
+
+@dataclass(kw_only=True)
+class ModelOptions(RuntimeOptions):
+    """Which model encodes, and how."""
+
+    model: str | None = opt(None, "model folder (default: the packaged all-MiniLM-L6-v2, or the model the index records)")
+    pooler: str | None = opt(None, "override the folder's pooling", choices=POOLER_CHOICES)
+    max_seq_length: int | None = opt(None, "truncate inputs to this many tokens (default: the model's)", min=3)
+    batch_size: int = opt(64, "sentences per forward pass", min=1)
+
+
+@dataclass(kw_only=True)
+class EncodeConfig(ModelOptions):
+    """Options of `diffcse encode`."""
+
+    input: str = opt(help="text file, one sentence per line")
+    output: str = opt(help="output .npy file (written atomically)")
+    normalize: bool = opt(False, "L2-normalise the vectors")
+    encoding_errors: str = opt("strict", "invalid UTF-8 in the input: an error, or replaced", choices=ENCODING_ERRORS)
+
+
+@dataclass(kw_only=True)
+class BuildConfig(ModelOptions):
+    """Options of `diffcse index build`."""
+
+    input: str = opt(help="one text per line (.txt), or JSON lines {\"text\": ..., \"metadata\": {...}} (.jsonl)")
+    index_dir: str = opt(help="output index directory")
+    kind: str = opt("flat", "index kind (flat = exact)", choices=KINDS, aliases=("--type",))
+    nlist: int | None = opt(None, "ivf/ivfpq: inverted lists (default: ~4*sqrt(N))", min=1)
+    nprobe: int | None = opt(None, "ivf/ivfpq: lists searched by default (settable per query)", min=1)
+    M: int | None = opt(None, "hnsw: links per node (default 32)", min=1)
+    ef_construction: int | None = opt(None, "hnsw: build-time beam (default 80)", min=1)
+    ef_search: int | None = opt(None, "hnsw: default query-time beam (default 128)", min=1)
+    pq_m: int | None = opt(None, "ivfpq: sub-quantizers, must divide the dimension", min=1)
+    nbits: int | None = opt(None, "ivfpq: bits per sub-quantizer code (default 8)", min=1)
+    train_size: int | None = opt(None, "ivf/ivfpq: training sample size (default 100000)", min=1)
+    chunk_size: int = opt(8192, "texts encoded and added per step (bounds memory)", min=1)
+    overwrite: bool = opt(False, "replace an existing index (atomically)")
+    seed: int = opt(0, "seed of the IVF training sample")
+    encoding_errors: str = opt("strict", "invalid UTF-8 in the input: an error, or replaced", choices=ENCODING_ERRORS)
+
+    def params(self) -> dict:
+        """The index parameters given (faiss names)."""
+        names = {"nlist": "nlist", "nprobe": "nprobe", "M": "M", "ef_construction": "ef_construction",
+                 "ef_search": "ef_search", "pq_m": "m", "nbits": "nbits", "train_size": "train_size"}
+        from diffcse.search.index import DEFAULT_PARAMS
+
+        given = {faiss_name: getattr(self, ours) for ours, faiss_name in names.items() if getattr(self, ours) is not None}
+        wrong = sorted(k for k in given if k not in DEFAULT_PARAMS[self.kind])
+        if wrong:
+            flags = ", ".join("--" + next(o for o, f in names.items() if f == k).replace("_", "-") for k in wrong)
+            raise InputError(f"{flags}: not a parameter of index kind {self.kind!r}")
+        return given
+
+
+@dataclass(kw_only=True)
+class AddConfig(ModelOptions):
+    """Options of `diffcse index add`."""
+
+    input: str = opt(help="one text per line (.txt) or JSON lines (.jsonl)")
+    index_dir: str = opt(help="the index directory")
+    chunk_size: int = opt(8192, "texts encoded and added per step (bounds memory)", min=1)
+    encoding_errors: str = opt("strict", "invalid UTF-8 in the input: an error, or replaced", choices=ENCODING_ERRORS)
+
+
+@dataclass(kw_only=True)
+class DeleteConfig(RuntimeOptions):
+    """Options of `diffcse index delete`."""
+
+    index_dir: str = opt(help="the index directory")
+    ids: list[int] = opt(help="ids to remove", min=0, max=2**63 - 1)
+
+
+@dataclass(kw_only=True)
+class InfoConfig:
+    """Options of `diffcse index info`."""
+
+    index_dir: str = opt(help="the index directory")
+    verify: bool = opt(True, "check the files' sha256 against the manifest")
+
+
+@dataclass(kw_only=True)
+class SearchConfig(ModelOptions):
+    """Options of `diffcse search`."""
+
+    index_dir: str = opt(help="the index directory")
+    query: list[str] = opt(default_factory=list, help="query sentences (repeatable)")
+    queries_file: str | None = opt(None, "one query per line")
+    top_k: int = opt(5, "hits per query", min=1)
+    threshold: float | None = opt(None, "drop hits with cosine below this", min=-1.0, max=1.0)
+    nprobe: int | None = opt(None, "ivf/ivfpq: lists to search", min=1)
+    ef_search: int | None = opt(None, "hnsw: search beam", min=1)
+    json: bool = opt(False, "print JSON instead of a table")
+    verify: bool = opt(True, "check the files' sha256 when loading")
+
+
+@dataclass(kw_only=True)
+class ServeConfig(ModelOptions):
+    """Options of `diffcse serve`."""
+
+    index_dir: str = opt(help="the index directory")
+    host: str = opt("127.0.0.1", "address to bind")
+    port: int = opt(8000, "TCP port", min=1, max=65535)
+    persist: str = opt("add", "when /add and /delete reach disk: after each request, at shutdown, or never",
+                       choices=("add", "shutdown", "never"))
+    max_batch: int = opt(256, "texts per request", min=1)
+    max_text_chars: int = opt(2000, "characters per text", min=1)
+    max_top_k: int = opt(1000, "largest top_k a request may ask for", min=1)
+    log_level: str = opt("info", "uvicorn log level", choices=("critical", "error", "warning", "info", "debug", "trace"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `index`, `search` and `serve` subcommands to the diffcse parser."""
+    """Add `encode`, `index`, `search` and `serve` to the diffcse parser."""
+    add_command(subparsers, "encode", EncodeConfig, run_encode, help="encode a text file (one sentence a line) to .npy")
     p_index = subparsers.add_parser("index", help="build or change a search index (faiss + SQLite)")
     sub = p_index.add_subparsers(dest="index_command", required=True)
-
-    p = sub.add_parser("build", help="encode a text file and write a new index directory")
-    _model_args(p)
-    p.add_argument("--input", required=True, help="one text per line (.txt), or JSON lines {\"text\": ..., \"metadata\": {...}} (.jsonl)")
-    p.add_argument("--index-dir", required=True, help="output index directory")
-    p.add_argument("--type", dest="kind", default="flat", choices=KINDS, help="index kind (default: flat, exact)")
-    p.add_argument("--nlist", type=int, help="ivf/ivfpq: inverted lists (default: ~4*sqrt(N))")
-    p.add_argument("--nprobe", type=int, help="ivf/ivfpq: lists searched by default (settable per query)")
-    p.add_argument("--M", dest="M", type=int, help="hnsw: links per node (default 32)")
-    p.add_argument("--ef-construction", type=int, help="hnsw: build-time beam (default 80)")
-    p.add_argument("--ef-search", type=int, help="hnsw: default query-time beam (default 128)")
-    p.add_argument("--pq-m", dest="m", type=int, help="ivfpq: sub-quantizers, must divide the dimension")
-    p.add_argument("--nbits", type=int, help="ivfpq: bits per sub-quantizer code (default 8)")
-    p.add_argument("--train-size", type=int, help="ivf/ivfpq: training sample size (default 100000)")
-    p.add_argument("--chunk-size", type=int, default=8192, help="texts encoded and added per step (bounds memory)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing index (atomically)")
-    p.add_argument("--seed", type=int, default=0)
-    _common_args(p)
-    p.set_defaults(func=run_build)
-
-    p = sub.add_parser("add", help="encode more texts into an existing index")
-    _model_args(p, default_help="the model the index records")
-    p.add_argument("--input", required=True, help="one text per line (.txt) or JSON lines (.jsonl)")
-    p.add_argument("--index-dir", required=True)
-    p.add_argument("--chunk-size", type=int, default=8192)
-    _common_args(p)
-    p.set_defaults(func=run_add)
-
-    p = sub.add_parser("delete", help="remove items by id")
-    p.add_argument("--index-dir", required=True)
-    p.add_argument("--ids", type=int, nargs="+", required=True)
-    p.add_argument("--threads", type=int, default=None)
-    p.set_defaults(func=run_delete)
-
-    p = sub.add_parser("info", help="print an index's manifest facts as JSON")
-    p.add_argument("--index-dir", required=True)
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
-    p.set_defaults(func=run_info)
-
-    p = subparsers.add_parser("search", help="query an index with one or more sentences")
-    p.add_argument("--index-dir", required=True)
-    p.add_argument("--query", action="append", default=[], help="a query sentence (repeatable)")
-    p.add_argument("--queries-file", help="one query per line")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--threshold", type=float, default=None, help="drop hits with cosine below this")
-    p.add_argument("--nprobe", type=int, default=None, help="ivf/ivfpq: lists to search")
-    p.add_argument("--ef-search", type=int, default=None, help="hnsw: search beam")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _model_args(p, default_help="the model the index records")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification on load")
-    p.set_defaults(func=run_search)
-
-    p = subparsers.add_parser("serve", help="serve an index over HTTP (OpenAPI docs at /docs)")
-    p.add_argument("--index-dir", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    _model_args(p, default_help="the model the index records")
-    p.add_argument("--persist", default="add", choices=["add", "shutdown", "never"],
-                   help="when /add and /delete reach disk: after each request, at shutdown, or never")
-    p.add_argument("--max-batch", type=int, default=256, help="texts per request")
-    p.add_argument("--max-text-chars", type=int, default=2000)
-    p.add_argument("--max-top-k", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=run_serve)
+    add_command(sub, "build", BuildConfig, run_build, help="encode a text file and write a new index directory")
+    add_command(sub, "add", AddConfig, run_add, help="encode more texts into an existing index")
+    add_command(sub, "delete", DeleteConfig, run_delete, help="remove items by id")
+    add_command(sub, "info", InfoConfig, run_info, help="print an index's manifest facts as JSON")
+    add_command(subparsers, "search", SearchConfig, run_search, help="query an index with one or more sentences")
+    add_command(subparsers, "serve", ServeConfig, run_serve, help="serve an index over HTTP (OpenAPI docs at /docs)")
 
 
-def _model_args(p: argparse.ArgumentParser, default_help: str = "the packaged all-MiniLM-L6-v2") -> None:
-    p.add_argument("--model", default=None, help=f"model folder (default: {default_help})")
-    p.add_argument("--pooler", default=None, help="override the folder's pooling (st, cls, cls_before_pooler, avg, ...)")
-    p.add_argument("--max-seq-length", type=int, default=None)
+def _setup(cfg: RuntimeOptions) -> str:
+    """Thread and device setup shared by every search command; returns the device."""
+    from diffcse.core import runtime
 
-
-def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="torch/faiss threads")
-    p.add_argument("--encoding-errors", default="strict", choices=["strict", "replace"])
-
-
-def _quiet_openmp() -> None:
-    """Let idle OpenMP threads sleep; must run before torch/faiss load their OpenMP runtimes.
-
-    With spinning threads (the default), faiss k-means (IVF/PQ training) was 5-20x slower on a
-    busy 2-core machine in our tests; a user's explicit OMP_WAIT_POLICY wins.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def _set_threads(n: int | None) -> None:
-    """Cap torch and faiss threads (shared machines)."""
-    if not n:
-        return
-    import faiss
-    import torch
-
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
+    runtime.quiet_openmp()
+    return runtime.setup(cfg.threads, cfg.device)
 
 
 def iter_input(path: str | Path, encoding_errors: str = "strict") -> Iterator[tuple[str, dict | None]]:
     """Stream (text, metadata) from a .txt (one per line) or .jsonl file; errors name file:line."""
-    from diffcse.data import InputError
+    from diffcse.core.io import iter_lines
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"input file {path} does not exist")
-    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8", errors=encoding_errors).strip()
-            except UnicodeDecodeError as err:
-                raise InputError(f"{path}:{lineno}: invalid UTF-8 at byte {err.start} (or pass --encoding-errors replace)") from None
-            if not line:
-                continue
-            if not jsonl:
-                yield line, None
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
-                raise InputError(f"{path}:{lineno}: expected an object with a non-empty string field 'text'")
-            extra = set(obj) - {"text", "metadata"}
-            if extra:
-                raise InputError(f"{path}:{lineno}: unknown field(s) {', '.join(sorted(extra))}; put them under 'metadata'")
-            meta = obj.get("metadata")
-            if meta is not None and not isinstance(meta, dict):
-                raise InputError(f"{path}:{lineno}: field 'metadata' must be an object")
-            yield obj["text"].strip(), meta
+    jsonl = Path(path).suffix.lower() in (".jsonl", ".ndjson")
+    for line in iter_lines(path, "input file", encoding_errors):
+        if not jsonl:
+            yield line.text, None
+            continue
+        where = f"{path}:{line.lineno}"
+        try:
+            obj = json.loads(line.text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+            raise InputError(f"{where}: expected an object with a non-empty string field 'text'")
+        extra = set(obj) - {"text", "metadata"}
+        if extra:
+            raise InputError(f"{where}: unknown field(s) {', '.join(sorted(extra))}; put them under 'metadata'")
+        meta = obj.get("metadata")
+        if meta is not None and not isinstance(meta, dict):
+            raise InputError(f"{where}: field 'metadata' must be an object")
+        yield obj["text"].strip(), meta
 
 
 def _first_pass(path: str, encoding_errors: str, sample_size: int, seed: int) -> tuple[int, list[str]]:
@@ -172,132 +203,166 @@ def _first_pass(path: str, encoding_errors: str, sample_size: int, seed: int) ->
     return n, sample
 
 
-def _load_encoder(args: argparse.Namespace, manifest: Manifest | None = None) -> Encoder:
+def _load_encoder(cfg: ModelOptions, device: str, manifest: Manifest | None = None, index_dir: str = "") -> Encoder:
     """The --model/--pooler encoder, else the model the index records (with its pooling)."""
-    from diffcse.encoder import Encoder
+    from diffcse.core.encoder import Encoder
     from diffcse.search.index import load_recorded_encoder
 
     if manifest is None:
-        return Encoder.load(args.model, pooler=args.pooler, max_seq_length=args.max_seq_length)
-    if args.model is None and args.pooler is None and args.max_seq_length is None:
-        return load_recorded_encoder(manifest, args.index_dir)
+        return Encoder.load(cfg.model, pooler=cfg.pooler, max_seq_length=cfg.max_seq_length, device=device)
+    if cfg.model is None and cfg.pooler is None and cfg.max_seq_length is None:
+        return load_recorded_encoder(manifest, index_dir, device=device)
     recorded = manifest.model or {}
     return Encoder.load(
-        args.model or recorded.get("name_or_path"),
-        pooler=args.pooler or recorded.get("pooler"),
-        max_seq_length=args.max_seq_length or recorded.get("max_seq_length"),
+        cfg.model or recorded.get("name_or_path"),
+        pooler=cfg.pooler or recorded.get("pooler"),
+        max_seq_length=cfg.max_seq_length or recorded.get("max_seq_length"),
+        device=device,
     )
 
 
-def run_build(args: argparse.Namespace) -> int:
-    """Entry point of `diffcse index build`."""
-    _quiet_openmp()
-    from diffcse.data import InputError
-    from diffcse.search.index import DEFAULT_PARAMS, IVF_KINDS, SearchIndex
+def run_encode(cfg: EncodeConfig) -> int:
+    """Entry point of `diffcse encode`: streams the file, refuses non-finite vectors, writes the array atomically."""
+    import numpy as np
 
-    _set_threads(args.threads)
-    out = Path(args.index_dir)
-    if (out / MANIFEST_NAME).exists() and not args.overwrite:
+    from diffcse.core.encoder import Encoder
+    from diffcse.core.io import atomic_path, iter_lines
+
+    device = _setup(cfg)
+    lines = list(iter_lines(cfg.input, "input file", cfg.encoding_errors))
+    if not lines:
+        raise InputError(f"input file {cfg.input} has no sentences")
+    out = Path(cfg.output)
+    if out.is_dir():
+        raise InputError(f"--output {out} is a folder; name the .npy file to write")
+    encoder = Encoder.load(cfg.model, pooler=cfg.pooler, max_seq_length=cfg.max_seq_length, device=device)
+    n = len(lines)
+    with atomic_path(out, suffix=".npy") as tmp:
+        # Preallocated on disk and filled chunk by chunk, so memory stays bounded by one chunk.
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, encoder.dim))
+        row = 0
+        for chunk in encoder.iter_encode((line.text for line in lines), batch_size=cfg.batch_size, normalize=cfg.normalize,
+                                         show_progress=sys.stderr.isatty()):
+            finite = np.isfinite(chunk).all(axis=1)
+            if not finite.all():
+                bad = row + int(np.argmin(finite))
+                raise InputError(
+                    f"{cfg.input}:{lines[bad].lineno}: the model gives NaN or infinity for this sentence "
+                    f"(are its weights finite?); {out} was not written"
+                )
+            array[row : row + len(chunk)] = chunk
+            row += len(chunk)
+        array.flush()
+        del array
+    print(f"wrote {n} x {encoder.dim} to {out}")
+    return 0
+
+
+def run_build(cfg: BuildConfig) -> int:
+    """Entry point of `diffcse index build`."""
+    from diffcse.search.index import DEFAULT_PARAMS, IVF_KINDS, SearchIndex, check_index_dir
+
+    device = _setup(cfg)
+    out = Path(cfg.index_dir)
+    check_index_dir(out, must_exist=False)
+    if (out / MANIFEST_NAME).exists() and not cfg.overwrite:
         raise InputError(f"{out} already holds an index: pass --overwrite to replace it, or use `diffcse index add`")
-    params = {k: getattr(args, k) for k in DEFAULT_PARAMS[args.kind] if getattr(args, k, None) is not None}
+    params = cfg.params()
     t0 = time.perf_counter()
     train_texts = None
     expected = None
-    if args.kind in IVF_KINDS:
-        size = params.get("train_size") or DEFAULT_PARAMS[args.kind]["train_size"]
-        expected, train_texts = _first_pass(args.input, args.encoding_errors, size, args.seed)
+    if cfg.kind in IVF_KINDS:
+        size = params.get("train_size") or DEFAULT_PARAMS[cfg.kind]["train_size"]
+        expected, train_texts = _first_pass(cfg.input, cfg.encoding_errors, size, cfg.seed)
         if not expected:
-            raise InputError(f"input file {args.input} has no texts")
-    encoder = _load_encoder(args)
+            raise InputError(f"input file {cfg.input} has no texts")
+    encoder = _load_encoder(cfg, device)
     # tee: build() zips texts and metadata in lockstep, so the buffer between them stays one item.
-    pairs_a, pairs_b = itertools.tee(iter_input(args.input, args.encoding_errors))
+    pairs_a, pairs_b = itertools.tee(iter_input(cfg.input, cfg.encoding_errors))
     index = SearchIndex.build(
-        encoder, (t for t, _ in pairs_a), kind=args.kind, metadata=(m for _, m in pairs_b), params=params,
-        chunk_size=args.chunk_size, batch_size=args.batch_size, train_texts=train_texts,
-        expected_count=expected, seed=args.seed, show_progress=sys.stderr.isatty(),
+        encoder, (t for t, _ in pairs_a), kind=cfg.kind, metadata=(m for _, m in pairs_b), params=params,
+        chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, train_texts=train_texts,
+        expected_count=expected, seed=cfg.seed, show_progress=sys.stderr.isatty(),
     )
     if len(index) == 0:
-        raise InputError(f"input file {args.input} has no texts")
+        raise InputError(f"input file {cfg.input} has no texts")
     index.save(out)
-    print(f"indexed {len(index)} texts ({args.kind}, dim {index.dim}) into {out} in {time.perf_counter() - t0:.1f}s")
+    print(f"indexed {len(index)} texts ({cfg.kind}, dim {index.dim}) into {out} in {time.perf_counter() - t0:.1f}s")
     index.close()
     return 0
 
 
-def run_add(args: argparse.Namespace) -> int:
+def run_add(cfg: AddConfig) -> int:
     """Entry point of `diffcse index add`: stream the file in chunks, then save atomically."""
-    _quiet_openmp()
-    from diffcse.data import InputError
     from diffcse.search.index import SearchIndex
     from diffcse.search.manifest import read_manifest
 
-    _set_threads(args.threads)
+    device = _setup(cfg)
     t0 = time.perf_counter()
-    encoder = _load_encoder(args, read_manifest(args.index_dir))
-    index = SearchIndex.load(args.index_dir, encoder=encoder)
-    stream = iter_input(args.input, args.encoding_errors)
+    encoder = _load_encoder(cfg, device, read_manifest(cfg.index_dir), cfg.index_dir)
+    index = SearchIndex.load(cfg.index_dir, encoder=encoder)
+    stream = iter_input(cfg.input, cfg.encoding_errors)
     ids: list[int] = []
-    while chunk := list(itertools.islice(stream, args.chunk_size)):
-        ids += index.add([t for t, _ in chunk], [m for _, m in chunk], batch_size=args.batch_size, chunk_size=args.chunk_size)
+    while chunk := list(itertools.islice(stream, cfg.chunk_size)):
+        ids += index.add([t for t, _ in chunk], [m for _, m in chunk], batch_size=cfg.batch_size, chunk_size=cfg.chunk_size)
     if not ids:
-        raise InputError(f"input file {args.input} has no texts")
+        raise InputError(f"input file {cfg.input} has no texts")
     index.save()
-    print(f"added {len(ids)} texts (ids {ids[0]}..{ids[-1]}) to {args.index_dir}: {len(index)} in all, "
+    print(f"added {len(ids)} texts (ids {ids[0]}..{ids[-1]}) to {cfg.index_dir}: {len(index)} in all, "
           f"{time.perf_counter() - t0:.1f}s")
     index.close()
     return 0
 
 
-def run_delete(args: argparse.Namespace) -> int:
+def run_delete(cfg: DeleteConfig) -> int:
     """Entry point of `diffcse index delete`."""
-    _quiet_openmp()
     from diffcse.search.index import SearchIndex
 
-    _set_threads(args.threads)
-    index = SearchIndex.load(args.index_dir)
-    n = index.delete(args.ids)
+    _setup(cfg)
+    index = SearchIndex.load(cfg.index_dir)
+    n = index.delete(cfg.ids)
     if n:
         index.save()
-    print(f"deleted {n} of {len(set(args.ids))} ids; {len(index)} left in {args.index_dir}")
+    print(f"deleted {n} of {len(set(cfg.ids))} ids; {len(index)} left in {cfg.index_dir}")
     index.close()
     return 0
 
 
-def run_info(args: argparse.Namespace) -> int:
+def run_info(cfg: InfoConfig) -> int:
     """Entry point of `diffcse index info`."""
-    _quiet_openmp()
+    from diffcse.core import runtime
     from diffcse.search.index import SearchIndex
 
-    index = SearchIndex.load(args.index_dir, verify=not args.no_verify)
+    runtime.quiet_openmp()
+    index = SearchIndex.load(cfg.index_dir, verify=cfg.verify)
     print(json.dumps(index.stats(), indent=2))
     index.close()
     return 0
 
 
-def run_search(args: argparse.Namespace) -> int:
+def run_search(cfg: SearchConfig) -> int:
     """Entry point of `diffcse search`: a table per query, or JSON with --json."""
-    _quiet_openmp()
     from diffcse.search.errors import EmptyQueryError
     from diffcse.search.index import SearchIndex
     from diffcse.search.manifest import read_manifest
 
-    _set_threads(args.threads)
-    queries = list(args.query)
-    if args.queries_file:
-        queries += [t for t, _ in iter_input(args.queries_file)]
+    device = _setup(cfg)
+    queries = list(cfg.query)
+    if cfg.queries_file:
+        queries += [t for t, _ in iter_input(cfg.queries_file)]
     if not queries:
         raise EmptyQueryError("no query given: pass --query TEXT (repeatable) or --queries-file")
-    encoder = _load_encoder(args, read_manifest(args.index_dir))
-    index = SearchIndex.load(args.index_dir, encoder=encoder, verify=not args.no_verify)
-    results = index.search(queries, top_k=args.top_k, threshold=args.threshold, nprobe=args.nprobe, ef_search=args.ef_search)
-    if args.json:
+    encoder = _load_encoder(cfg, device, read_manifest(cfg.index_dir), cfg.index_dir)
+    index = SearchIndex.load(cfg.index_dir, encoder=encoder, verify=cfg.verify)
+    results = index.search(queries, top_k=cfg.top_k, threshold=cfg.threshold, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    if cfg.json:
         out = [{"query": q, "results": [h._asdict() for h in hits]} for q, hits in zip(queries, results, strict=True)]
         print(json.dumps(out, ensure_ascii=False, indent=2))
     else:
         for q, hits in zip(queries, results, strict=True):
             print(f"query: {q}")
             if not hits:
-                print("   (no hits" + (f" with score >= {args.threshold})" if args.threshold is not None else ")"))
+                print("   (no hits" + (f" with score >= {cfg.threshold})" if cfg.threshold is not None else ")"))
             for rank, h in enumerate(hits, start=1):
                 meta = f"  {json.dumps(h.metadata, ensure_ascii=False)}" if h.metadata else ""
                 print(f"  {rank:>3}  {h.score:.4f}  [{h.id}]  {h.text}{meta}")
@@ -305,22 +370,25 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(cfg: ServeConfig) -> int:
     """Entry point of `diffcse serve`: one uvicorn worker (the index lives in its memory)."""
-    _quiet_openmp()
+    import os
+
     import uvicorn
 
     from diffcse.search.index import SearchIndex
     from diffcse.search.manifest import read_manifest
     from diffcse.search.service import ServiceLimits, create_app
 
-    _set_threads(args.threads or min(2, os.cpu_count() or 1))
-    encoder = _load_encoder(args, read_manifest(args.index_dir))
-    index = SearchIndex.load(args.index_dir, encoder=encoder)
-    limits = ServiceLimits(max_batch=args.max_batch, max_text_chars=args.max_text_chars, max_top_k=args.max_top_k)
-    app = create_app(index, limits=limits, persist=args.persist)
-    print(f"serving {args.index_dir} ({index.kind}, {len(index)} texts) on http://{args.host}:{args.port} (docs: /docs)",
+    if cfg.threads is None:
+        cfg.threads = min(2, os.cpu_count() or 1)
+    device = _setup(cfg)
+    encoder = _load_encoder(cfg, device, read_manifest(cfg.index_dir), cfg.index_dir)
+    index = SearchIndex.load(cfg.index_dir, encoder=encoder)
+    limits = ServiceLimits(max_batch=cfg.max_batch, max_text_chars=cfg.max_text_chars, max_top_k=cfg.max_top_k)
+    app = create_app(index, limits=limits, persist=cfg.persist)
+    print(f"serving {cfg.index_dir} ({index.kind}, {len(index)} texts) on http://{cfg.host}:{cfg.port} (docs: /docs)",
           flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, workers=1)
     index.close()
     return 0

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, overload
 import faiss
 import numpy as np
 
+from diffcse.core.io import fsync_dir, sha256_file, write_json_atomic
 from diffcse.search.errors import (
     CorruptIndexError,
     EmptyQueryError,
@@ -41,16 +42,13 @@ from diffcse.search.manifest import (
     STORE_FILE,
     Manifest,
     check_file,
-    fsync_dir,
     read_manifest,
-    sha256_file,
-    write_json_atomic,
 )
 from diffcse.search.rwlock import RWLock
 from diffcse.search.store import TextStore
 
 if TYPE_CHECKING:
-    from diffcse.encoder import Encoder
+    from diffcse.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -718,6 +716,18 @@ class SearchIndex:
 # --------------------------------------------------------------------- helpers
 
 
+def check_index_dir(path: str | Path, must_exist: bool = True) -> Path:
+    """The index directory as a Path; a file in its place, or (must_exist) a missing one, is an error."""
+    from diffcse.core.errors import InputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--index-dir {path} is a file, not an index directory")
+    if must_exist and not path.exists():
+        raise InputError(f"--index-dir {path} does not exist")
+    return path
+
+
 def _diffcse_version() -> str:
     """The package version, recorded in manifests (imported late: diffcse imports us lazily)."""
     from diffcse import __version__
@@ -727,7 +737,7 @@ def _diffcse_version() -> str:
 
 def load_recorded_encoder(manifest: Manifest, where: str, device: str | None = None) -> Encoder:
     """Load the model the manifest records, with the pooling and length it was built with."""
-    from diffcse.encoder import Encoder
+    from diffcse.core.encoder import Encoder
 
     model = manifest.model
     if not model or not model.get("name_or_path"):

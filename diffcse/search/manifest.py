@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from diffcse.core.io import sha256_file
 from diffcse.search.errors import CorruptIndexError, IndexFormatError
 
 FORMAT_VERSION = 1
@@ -16,16 +14,6 @@ MANIFEST_NAME = "manifest.json"
 INDEX_FILE = "index.faiss"
 STORE_FILE = "store.sqlite"
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
-
-
-def _read_umask() -> int:
-    """The process umask (read once at import: os.umask can only be read by setting it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 @dataclass
@@ -95,6 +83,8 @@ class Manifest:
 def read_manifest(index_dir: str | Path) -> Manifest:
     """Read and validate index_dir/manifest.json."""
     path = Path(index_dir) / MANIFEST_NAME
+    if Path(index_dir).exists() and not Path(index_dir).is_dir():
+        raise FileNotFoundError(f"{index_dir} is a file, not an index directory")
     if not Path(index_dir).is_dir():
         raise FileNotFoundError(f"index directory {index_dir} does not exist")
     if not path.is_file():
@@ -104,15 +94,6 @@ def read_manifest(index_dir: str | Path) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexFormatError(f"{path}: manifest is not valid JSON ({err})") from None
     return Manifest.from_dict(data, str(path))
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_file(path: Path, entry: dict, verify: bool) -> None:
@@ -126,35 +107,3 @@ def check_file(path: Path, entry: dict, verify: bool) -> None:
         )
     if verify and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
         raise CorruptIndexError(f"index file {path} does not match its sha256 in the manifest: corrupted")
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a power cut (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temp file beside path, fsync, then rename over path."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file 0600; give the manifest the usual umask-derived mode.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

@@ -24,7 +24,7 @@ from diffcse.search.errors import SearchIndexError
 from diffcse.search.index import SearchIndex
 
 if TYPE_CHECKING:
-    from diffcse.encoder import Encoder
+    from diffcse.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
 PERSIST_MODES = ("add", "shutdown", "never")

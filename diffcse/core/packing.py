@@ -26,7 +26,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from diffcse.dropout import fast_dropout, use_fast_dropout
+from diffcse.core.dropout import fast_dropout, use_fast_dropout
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Packing:
     starts: torch.Tensor  # [B] packed position of each row's first token
     columns: torch.Tensor  # [T] each token's position within its own row
     key_mask: torch.Tensor  # [B, 1, 1, L] bool, True where a key is a real token
-    fast_dropout: bool = False  # attention-probability dropout via diffcse.dropout's mask
+    fast_dropout: bool = False  # attention-probability dropout via diffcse.core.dropout's mask
 
     @classmethod
     def of(cls, attention_mask: torch.Tensor) -> Packing | None:
@@ -121,6 +121,16 @@ def position_offset(backbone: nn.Module) -> int:
     if getattr(config, "model_type", "") in _OFFSET_POSITIONS:
         return int(config.pad_token_id) + 1
     return 0
+
+
+def max_positions(config: object) -> int | None:
+    """How many tokens (specials included) the architecture can place; None when positions are relative."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if getattr(config, "model_type", "") in _OFFSET_POSITIONS:
+        limit -= int(config.pad_token_id) + 1
+    return limit
 
 
 def packed_inputs(backbone: nn.Module, packing: Packing, input_ids: torch.Tensor, **extra: torch.Tensor | None) -> dict:
@@ -207,7 +217,7 @@ class Packable:
         return self.packing
 
     def enable_fast_dropout(self) -> None:
-        """Draw the transformer's dropout masks with diffcse.dropout (same law, ~2x cheaper on CPU)."""
+        """Draw the transformer's dropout masks with diffcse.core.dropout (same law, ~2x cheaper on CPU)."""
         use_fast_dropout(self.packed_transformer())
         self.fast_dropout = True
 

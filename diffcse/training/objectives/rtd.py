@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from diffcse.distributed import world
+from diffcse.training.distributed import world
 
 
 class ReplacedTokenDetectionLoss(nn.Module):

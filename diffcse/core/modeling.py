@@ -9,11 +9,10 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
-from diffcse.packing import Packable, packed_inputs
+from diffcse.core.errors import InputError
+from diffcse.core.folder import POOLERS
+from diffcse.core.packing import Packable, packed_inputs
 
-# SimCSE's names. At inference on a plain HF folder `cls` is the backbone's own pooler output
-# (SimCSE/DiffCSE checkpoints store their MLP there) and `cls_before_pooler` the raw [CLS] state.
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
 HEADS = ("none", "mlp", "batchnorm")
 
 
@@ -43,6 +42,15 @@ def pool(
     else:
         raise ValueError(f"unknown pooler {pooler!r}; choose from {', '.join(POOLERS)}")
     return (both * mask).sum(1) / denom
+
+
+def load_backbone(path: str, **overrides: object) -> PreTrainedModel:
+    """AutoModel from a local folder; an unloadable folder is an error naming it (never a download)."""
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True, **overrides)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"model {path}: cannot load its weights ({first})") from None
 
 
 class MLPHead(nn.Module):
@@ -117,18 +125,18 @@ class SentenceEncoder(Packable, nn.Module):
         self.use_backbone_pooler = use_backbone_pooler
 
     def packed_transformer(self) -> nn.Module:
-        """The backbone (see diffcse.packing.Packable)."""
+        """The backbone (see diffcse.core.packing.Packable)."""
         return self.backbone
 
     def enable_packing(self) -> bool:
-        """Run forwards on the batch's real tokens only (see diffcse.packing); True if the model allows it."""
+        """Run forwards on the batch's real tokens only (see diffcse.core.packing); True if the model allows it."""
         # The backbone's pooler layer reads row 0 of the packed row, so it stays padded.
         return not self.use_backbone_pooler and super().enable_packing()
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: object) -> SentenceEncoder:
         """Load the backbone from an HF folder (or an ST folder's root) and wrap it."""
-        return cls(AutoModel.from_pretrained(path), **kwargs)
+        return cls(load_backbone(path), **kwargs)
 
     @property
     def hidden_size(self) -> int:

@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from senteval_runner.report import write_json_atomic  # noqa: E402  one atomic JSON writer for the project
+from diffcse.core.io import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RECALL = 0.95
@@ -103,7 +103,7 @@ def cached_embeddings(args: argparse.Namespace, texts: list[str]) -> tuple[np.nd
     """Normalised embeddings of texts, encoded chunk by chunk into the cache (resumable)."""
     import torch
 
-    from diffcse.encoder import Encoder
+    from diffcse.core.encoder import Encoder
 
     torch.set_num_threads(args.threads)
     encoder = Encoder.load(args.model)

@@ -7,9 +7,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from diffcse.distributed import gather_with_grad, world
-from diffcse.modeling import EncoderOutput, SentenceEncoder
-from diffcse.objectives.infonce import InfoNCE
+from diffcse.core.modeling import EncoderOutput, SentenceEncoder
+from diffcse.training.distributed import gather_with_grad, world
+from diffcse.training.objectives.infonce import InfoNCE
 
 
 class ContrastiveModel(nn.Module):

@@ -9,14 +9,14 @@ checkpoints), the other two hold only non-persistent buffers.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from diffcse.objectives.masking import ordinary_token_ids, unusable_token_ids
-from diffcse.packing import Packable, packed_inputs
+from diffcse.core.folder import resolve_model_path
+from diffcse.core.packing import Packable, packed_inputs
+from diffcse.training.objectives.masking import ordinary_token_ids, unusable_token_ids
 
 GENERATORS = ("mlm:PATH", "embedding-neighbours", "random")
 SAMPLING = ("argmax", "sample")
@@ -70,7 +70,7 @@ class MLMGenerator(Packable):
         self.model.base_model.register_forward_hook(self._gather_selected)
 
     def packed_transformer(self) -> nn.Module:
-        """The MLM's base transformer (see diffcse.packing.Packable); its LM head has no dropout."""
+        """The MLM's base transformer (see diffcse.core.packing.Packable); its LM head has no dropout."""
         return self.model.base_model
 
     @classmethod
@@ -81,12 +81,12 @@ class MLMGenerator(Packable):
         sampling: str = "argmax",
         temperature: float = 1.0,
         train_mode: bool = True,
+        masked_only: bool = True,
     ) -> MLMGenerator:
         """Load `path` as a masked LM; refuse a model without a trained MLM head or another vocabulary."""
-        if not Path(path).exists() and path.startswith((".", "/")):
-            raise FileNotFoundError(f"generator: mlm path {path!r} does not exist")
+        path = resolve_model_path(path, what="generator")
         try:
-            model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+            model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, local_files_only=True)
         except (ValueError, OSError, KeyError) as err:
             raise ValueError(f"generator: cannot load {path!r} as a masked language model ({err})") from err
         missing = info.get("missing_keys") or []
@@ -103,7 +103,7 @@ class MLMGenerator(Packable):
         except (ValueError, OSError) as err:
             raise ValueError(f"generator: {path!r} has no tokenizer to check the vocabulary against ({err})") from err
         check_same_vocabulary(encoder_tokenizer, tokenizer, "generator")
-        return cls(model, sampling, temperature, train_mode)
+        return cls(model, sampling, temperature, train_mode, masked_only)
 
     def _gather_selected(self, module: nn.Module, args: object, output: object) -> object:
         # Forward hook on the base model: keep only the selected positions' hidden states.
@@ -281,13 +281,21 @@ def build_generator(
     temperature: float = 1.0,
     train_mode: bool = True,
     k: int = 10,
+    masked_only: bool = True,
 ) -> MLMGenerator | EmbeddingNeighboursGenerator | RandomGenerator:
-    """Parse the `generator` field (mlm:PATH | embedding-neighbours | random) and build it."""
+    """Parse the `generator` field (mlm:PATH | embedding-neighbours | random) and build it.
+
+    masked_only=False (generator_positions: all) is the reference's computation for the MLM: its
+    argmax replaces every position, not only the masked ones; the other generators touch masked
+    positions only by construction, so they refuse it.
+    """
     if spec.startswith("mlm:"):
         path = spec[len("mlm:") :].strip()
         if not path:
-            raise ValueError("generator: 'mlm:' needs a path, e.g. mlm:distilbert-base-uncased")
-        return MLMGenerator.load(path, tokenizer, sampling, temperature, train_mode)
+            raise ValueError("generator: 'mlm:' needs a model folder, e.g. mlm:models/distilbert-base-uncased")
+        return MLMGenerator.load(path, tokenizer, sampling, temperature, train_mode, masked_only)
+    if not masked_only:
+        raise ValueError(f"generator_positions: 'all' applies to an mlm:PATH generator, not {spec!r}")
     if spec == "embedding-neighbours":
         return EmbeddingNeighboursGenerator.from_encoder(backbone, tokenizer, k)
     if spec == "random":

@@ -17,16 +17,16 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from diffcse.config import TrainConfig
-from diffcse.modeling import EncoderOutput, SentenceEncoder
-from diffcse.objectives.contrastive import ContrastiveModel
-from diffcse.objectives.generators import SAMPLING, MLMGenerator, build_generator
-from diffcse.objectives.infonce import InfoNCE
-from diffcse.objectives.masking import TokenMasker
-from diffcse.objectives.rtd import ReplacedTokenDetectionLoss
-from diffcse.packing import Packable, packed_inputs
+from diffcse.core.modeling import EncoderOutput, SentenceEncoder, load_backbone
+from diffcse.core.packing import Packable, packed_inputs
+from diffcse.training.config import TrainConfig
+from diffcse.training.objectives.contrastive import ContrastiveModel
+from diffcse.training.objectives.generators import SAMPLING, MLMGenerator, build_generator
+from diffcse.training.objectives.infonce import InfoNCE
+from diffcse.training.objectives.masking import TokenMasker
+from diffcse.training.objectives.rtd import ReplacedTokenDetectionLoss
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ConditionalDiscriminator(Packable, nn.Module):
         self.condition = PositionZeroCondition(embeddings)
 
     def packed_transformer(self) -> nn.Module:
-        """The discriminator's transformer (see diffcse.packing.Packable)."""
+        """The discriminator's transformer (see diffcse.core.packing.Packable)."""
         return self.transformer
 
     @classmethod
@@ -104,7 +104,7 @@ class ConditionalDiscriminator(Packable, nn.Module):
         if layers is not None and not 1 <= layers <= total:
             raise ValueError(f"discriminator_layers: must be in [1, {total}] for {path}, got {layers}")
         kwargs = {} if layers is None else {"num_hidden_layers": layers}
-        return cls(AutoModel.from_pretrained(path, **kwargs))
+        return cls(load_backbone(path, **kwargs))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Replaced/kept logits [B, L, 2] for the (corrupted) ids, given sentence vectors h [B, H]."""
@@ -167,6 +167,7 @@ class DiffCSEModel(ContrastiveModel):
         generator = build_generator(
             config.generator, tokenizer, encoder.backbone, config.generator_sampling,
             config.generator_temperature, config.generator_train_mode, config.neighbours_k,
+            masked_only=config.generator_positions == "masked",
         )
         discriminator = ConditionalDiscriminator.from_pretrained(model_path, config.discriminator_layers)
         if discriminator.transformer.config.hidden_size != encoder.hidden_size:
@@ -195,7 +196,12 @@ class DiffCSEModel(ContrastiveModel):
         generated = self.generator(input_ids, masked.input_ids, attention_mask, masked.selected)
         generated[:, 0] = input_ids[:, 0]  # the reference restores [CLS]/<s> at position 0
         attended = attention_mask.bool()
-        generated = torch.where(attended, generated, input_ids)  # padding stays padding
+        if self.rtd_loss.count_padding:
+            # The reference's discriminator input, `generated * attention_mask`: pads become id 0.
+            # Their logits count in L_RTD then, so what they read matters (for BERT, 0 is [PAD]).
+            generated = generated * attention_mask
+        else:
+            generated = torch.where(attended, generated, input_ids)  # padding stays padding
         replaced = (generated != input_ids) & attended
         return generated, replaced
 

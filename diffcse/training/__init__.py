@@ -1,0 +1,1 @@
+"""Training: SimCSE, supervised SimCSE and DiffCSE on the HF Trainer (`diffcse train`)."""

@@ -1,0 +1,412 @@
+"""Training on the HF Trainer: data, model, STS-B dev evaluation, best-model export, resume.
+
+What a run guarantees (tests/test_training_reliability.py): the same seed gives the same run bit
+for bit on CPU; a NaN/inf loss or gradient stops the run at that step (or skips it, on request)
+with a message naming the last complete checkpoint, and non-finite weights are never exported;
+a checkpoint is used only if it is complete, and --resume falls back to the newest complete one;
+every report is strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from diffcse.core.encoder import encode_tokenized
+from diffcse.core.errors import InputError
+from diffcse.core.folder import (
+    export_model,
+    load_tokenizer,
+    model_name,
+    read_folder_pooling,
+    resolve_max_length,
+    resolve_model_path,
+    resolve_pooler,
+)
+from diffcse.core.io import default_corpus, dumps_json, write_json_atomic, write_text_atomic
+from diffcse.core.modeling import SentenceEncoder
+from diffcse.core.runtime import resolve_device, resolve_precision, set_threads
+from diffcse.training.checkpoints import CheckpointManifest, RunTotals, resumable_checkpoint
+from diffcse.training.config import TrainConfig
+from diffcse.training.data import ViewCollator, read_sentences, read_triples, tokenize_columns
+from diffcse.training.distributed import convert_batchnorm
+from diffcse.training.guard import GuardedAdamW, NonFiniteGuard, TrainingDiverged
+from diffcse.training.objectives.contrastive import ContrastiveModel
+from diffcse.training.objectives.infonce import InfoNCE
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+def training_pooler(config: TrainConfig, model_path: str) -> str:
+    """The pooler to train with (core.folder's policy); the [CLS] token is 'cls' here, the head being separate."""
+    pooler = resolve_pooler(None if config.pooler == "auto" else config.pooler, model_path, read_folder_pooling(model_path))
+    return "cls" if pooler == "cls_before_pooler" else pooler
+
+
+def build_model(config: TrainConfig, model_path: str, tokenizer: object) -> ContrastiveModel:
+    """The training module for the configured objective."""
+    encoder = SentenceEncoder.from_pretrained(
+        model_path,
+        pooler=training_pooler(config, model_path),
+        head=config.head,
+        mlp_only_train=config.mlp_only_train,
+    )
+    encoder.speed_up(config.packing, config.fast_dropout)
+    if config.sync_batchnorm:
+        convert_batchnorm(encoder)
+    # The backbone's own pooler layer is never used in training; frozen, DDP need not track it.
+    if getattr(encoder.backbone, "pooler", None) is not None:
+        encoder.backbone.pooler.requires_grad_(False)
+    loss = InfoNCE(config.temperature, config.hard_negative_weight)
+    if config.objective == "diffcse":
+        from diffcse.training.objectives.diffcse import DiffCSEModel
+
+        model = DiffCSEModel.from_config(config, encoder, loss, tokenizer, model_path)
+    else:
+        model = ContrastiveModel(encoder, loss)
+    model.gather_negatives = config.gather_negatives
+    return model
+
+
+def load_dataset(config: TrainConfig, tokenizer: object) -> tuple[object, dict]:
+    """Read and tokenise the training file; return the dataset and counts for the log."""
+    path = Path(config.train_file) if config.train_file else default_corpus()
+    if config.objective == "sup-simcse":
+        rows = read_triples(path, config.encoding_errors)
+        columns = [list(col) for col in zip(*rows, strict=True)] if rows else [[]]
+        info = {"examples": len(rows), "columns": len(columns)}
+    else:
+        sf = read_sentences(path, config.encoding_errors)
+        columns = [sf.sentences]
+        info = {"examples": len(sf.sentences), "empty_lines": sf.empty_lines, "replaced_lines": sf.replaced_lines}
+    n = len(columns[0])
+    if n < config.batch_size:
+        raise InputError(
+            f"{path}: {n} usable examples, fewer than one batch ({config.batch_size}); "
+            "add data or lower --batch-size"
+        )
+    dataset, truncated = tokenize_columns(tokenizer, columns, config.max_seq_length)
+    info["truncated"] = truncated
+    info["train_file"] = path.name
+    return dataset, info
+
+
+class StsbDevScorer:
+    """STS-B dev Spearman of the encoder's inference embedding, with tokenisation cached."""
+
+    def __init__(self, tokenizer: object, max_seq_length: int, data_dir: str | None) -> None:
+        from senteval_runner import StsbDevEvaluator
+
+        self.evaluator = StsbDevEvaluator(data_dir, split="dev")
+        self.tokenizer = tokenizer
+        sents = self.evaluator.sentences
+        self.index = {s: i for i, s in enumerate(sents)}
+        self.encoded = tokenizer(sents, truncation=True, max_length=max_seq_length)
+
+    def __call__(self, encoder: SentenceEncoder, batch_size: int = 128) -> float:
+        """Return Spearman (raw correlation) on STS-B dev; NaN when the embeddings are not finite."""
+        device = next(encoder.parameters()).device
+        emb = encode_tokenized(encoder, self.tokenizer, self.encoded, batch_size, False, device)
+        if not np.isfinite(emb).all():
+            return math.nan
+
+        def encode(batch: list[str]) -> np.ndarray:
+            return emb[[self.index[s] for s in batch]]
+
+        return float(self.evaluator(encode)["spearman"])
+
+
+class JsonlLogger(TrainerCallback):
+    """Append every log record (with the step) to metrics.jsonl as strict JSON (NaN/inf as null)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+        """Write one line per log call on the main process."""
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(dumps_json({"step": state.global_step, "epoch": state.epoch, **logs}, indent=None) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop metrics lines logged after `step` (a resumed run logs those steps again); return how many."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except ValueError:
+            dropped += 1  # a line cut by the kill
+            continue
+        if record_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
+class EvalEvery(TrainerCallback):
+    """Ask the Trainer to evaluate every n optimiser steps."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        """Flag an evaluation on multiples of `steps`."""
+        if state.global_step % self.steps == 0:
+            control.should_evaluate = True
+        return control
+
+
+class ContrastiveTrainer(Trainer):
+    """HF Trainer that logs the objective's parts, guards against divergence and exports the best model."""
+
+    def __init__(  # noqa: ANN204
+        self, *args, scorer: StsbDevScorer | None, config: TrainConfig, tokenizer_for_export, guard: NonFiniteGuard,
+        totals: RunTotals, **kwargs,  # noqa: ANN001, ANN002, ANN003
+    ):
+        super().__init__(*args, **kwargs)
+        self.scorer = scorer
+        self.run_config = config
+        self.export_tokenizer = tokenizer_for_export
+        self.guard = guard
+        self.totals = totals
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self.best_score = -math.inf
+        self._last_eval: tuple[int, dict] | None = None
+        state_file = Path(config.output_dir) / "best.json"
+        if config.resume and state_file.exists():
+            best = json.loads(state_file.read_text()).get("stsb_dev_spearman")
+            self.best_score = best if best is not None else -math.inf
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
+        """One forward/backward; keeps the running loss sum that summary.json and resumes report."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._loss_sum = self._loss_sum + loss.detach().to("cpu", torch.float64)
+        return loss
+
+    def current_totals(self) -> RunTotals:
+        """Loss sum over every step so far (resumed runs included) and the steps skipped."""
+        return RunTotals(self.totals.loss_sum + float(self._loss_sum), self.guard.skipped)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        """Add the objective's averaged parts to each training log line."""
+        if "loss" in logs:
+            logs.update(self.model.pop_stats())
+            logs["effective_batch_size"] = (
+                self.run_config.batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+            )
+            if self.guard.skipped:
+                logs["skipped_steps"] = self.guard.skipped
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:  # noqa: ANN001
+        """STS-B dev Spearman; export the encoder to output_dir when it beats the best so far."""
+        if self.scorer is None or not self.args.should_save:
+            return {}  # rank 0 alone evaluates and saves
+        if self._last_eval is not None and self._last_eval[0] == self.state.global_step:
+            return self._last_eval[1]  # the Trainer may ask again at the same step (epoch/training end)
+        start = time.perf_counter()
+        score = self.scorer(self.model.encoder)
+        metrics = {f"{metric_key_prefix}_stsb_spearman": score, f"{metric_key_prefix}_seconds": time.perf_counter() - start}
+        if math.isfinite(score) and score > self.best_score and self.args.should_save:
+            self.best_score = score
+            self.export(step=self.state.global_step, score=score)
+        metrics[f"{metric_key_prefix}_best_stsb_spearman"] = self.best_score
+        self.log(metrics)
+        self._last_eval = (self.state.global_step, metrics)
+        return metrics
+
+    def export(self, step: int, score: float | None) -> None:
+        """Write the inference model to output_dir and remember which step it came from (rank 0)."""
+        if not self.args.should_save:
+            return
+        out = Path(self.run_config.output_dir)
+        export_model(self.model.encoder, self.export_tokenizer, out, self.run_config.max_seq_length)
+        write_json_atomic(out / "best.json", {"step": step, "stsb_dev_spearman": score})
+
+
+def training_arguments(config: TrainConfig, device: str) -> TrainingArguments:
+    """Map our config onto the HF TrainingArguments."""
+    report_to = []
+    try:
+        import tensorboard  # noqa: F401
+
+        report_to = ["tensorboard"]
+    except ImportError:
+        pass
+    precision = resolve_precision(config.precision, device)
+    return TrainingArguments(
+        output_dir=str(Path(config.output_dir) / CHECKPOINTS),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        lr_scheduler_type="linear",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=config.seed,
+        # Our evaluation needs no eval_dataset, which the Trainer's own "steps" strategy demands;
+        # EvalEvery triggers it instead.
+        eval_strategy="no",
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        # A NaN loss must show as NaN (null in metrics.jsonl), not as the average of earlier ones.
+        logging_nan_inf_filter=False,
+        report_to=report_to,
+        remove_unused_columns=False,
+        dataloader_num_workers=config.dataloader_workers,
+        dataloader_drop_last=True,
+        disable_tqdm=False,
+        use_cpu=not device.startswith("cuda"),
+    )
+
+
+def _optimizer(args: TrainingArguments, guard: NonFiniteGuard) -> tuple[type, dict]:
+    """The Trainer's default AdamW (fused: one pass per tensor; foreach cost ~5% of a MiniLM step on CPU), guarded."""
+    return GuardedAdamW, {
+        "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+        "fused": True, "guard": guard,
+    }
+
+
+def _describe_checkpoint(out: Path) -> str:
+    """The newest complete checkpoint under out/checkpoints, for messages."""
+    try:
+        return str(resumable_checkpoint(out / CHECKPOINTS).path)
+    except InputError:
+        return "none (no checkpoint was completed)"
+
+
+def train(config: TrainConfig) -> dict:
+    """Run one training job end to end; return a summary (also written to output_dir/summary.json).
+
+    Raises TrainingDiverged (after writing summary.json with status 'diverged') when the loss or
+    gradients become non-finite; the exported model from the last good evaluation stays as it was.
+    """
+    config.validate()
+    set_threads(config.threads)
+    device = resolve_device(None)
+    resolve_precision(config.precision, device)  # fp16 without a GPU fails here, before any work
+    model_path = resolve_model_path(config.model)
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output-dir {out} is a file, not a folder")
+    created = not out.exists()
+    try:
+        return _train(config, model_path, out, device)
+    except BaseException:
+        # A run that failed before writing anything leaves no empty folder behind.
+        if created and out.is_dir() and not any(out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict:
+    tokenizer = load_tokenizer(model_path)
+    from transformers import AutoConfig
+
+    resolve_max_length(config.max_seq_length, None, tokenizer, AutoConfig.from_pretrained(model_path), model_path)
+    dataset, data_info = load_dataset(config, tokenizer)
+    log.info("training data: %s", data_info)
+    resume = resumable_checkpoint(out / CHECKPOINTS) if config.resume else None
+    # Everything random from here on (heads, discriminator, data order, dropout, masking) follows the seed.
+    set_seed(config.seed)
+    model = build_model(config, model_path, tokenizer)
+    packed = {"encoder": model.encoder.packing}
+    if hasattr(model, "discriminator"):
+        packed["discriminator"] = model.discriminator.packing
+    log.info("packing (real tokens only): %s; fast dropout: %s", packed, config.fast_dropout)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    scorer = None
+    if config.do_eval and main_process:
+        scorer = StsbDevScorer(tokenizer, config.max_seq_length, config.senteval_data)
+    out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        config.save(out / "train_config.yaml")
+    if resume is not None and main_process:
+        truncate_metrics(out / METRICS_FILE, resume.step)
+    args = training_arguments(config, device)
+    totals = resume.totals if resume is not None else RunTotals()
+    guard = NonFiniteGuard(config.on_nonfinite, config.max_skipped_steps, totals.skipped_steps)
+    trainer = ContrastiveTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=ViewCollator(tokenizer.pad_token_id),
+        callbacks=[JsonlLogger(out / METRICS_FILE), guard] + ([EvalEvery(config.eval_steps)] if scorer else []),
+        optimizer_cls_and_kwargs=_optimizer(args, guard),
+        scorer=scorer,
+        config=config,
+        tokenizer_for_export=tokenizer,
+        guard=guard,
+        totals=totals,
+    )
+    trainer.add_callback(CheckpointManifest(Path(args.output_dir), trainer.current_totals))
+    initial = None
+    if scorer is not None and resume is None:
+        initial = scorer(model.encoder)
+        trainer.log({"eval_stsb_spearman": initial, "eval_best_stsb_spearman": initial})
+    summary = {
+        "status": "finished",
+        "model": model_name(model_path),
+        "objective": config.objective,
+        "head": config.head,
+        "packing": packed,
+        "fast_dropout": config.fast_dropout,
+        "resumed_from_step": resume.step if resume is not None else None,
+        "stsb_dev_spearman_before": initial,
+        "data": data_info,
+    }
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume.path) if resume is not None else None)
+    except TrainingDiverged as err:
+        message = (f"{err}. Last complete checkpoint: {_describe_checkpoint(out)}; "
+                   f"the model in {out} is from the last good evaluation and was left as it was")
+        summary.update(status="diverged", error=message, steps=err.step,
+                       train_seconds=time.perf_counter() - start,
+                       stsb_dev_spearman_best=trainer.best_score if scorer is not None else None)
+        if main_process:
+            write_json_atomic(out / "summary.json", summary)
+        raise TrainingDiverged(message, err.step) from None
+    seconds = time.perf_counter() - start
+    final = None
+    if scorer is not None:
+        final = trainer.evaluate()["eval_stsb_spearman"]
+    elif not config.do_eval:
+        trainer.export(step=trainer.state.global_step, score=None)
+    steps = trainer.state.global_step
+    totals_now = trainer.current_totals()
+    summary.update(
+        steps=steps,
+        train_seconds=seconds,
+        train_loss=totals_now.loss_sum / steps if steps else None,
+        skipped_steps=totals_now.skipped_steps,
+        stsb_dev_spearman_final=final,
+        stsb_dev_spearman_best=trainer.best_score if scorer is not None else None,
+    )
+    if main_process:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
