@@ -17,9 +17,17 @@ from importlib import import_module
 COMMAND_MODULES = ("diffcse.training.cli", "diffcse.evaluation.cli", "diffcse.search.cli", "diffcse.finetune.cli")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error said in one line (the option and what is wrong), like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print `prog: error: message` and exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str = "diffcse") -> argparse.ArgumentParser:
     """The full command-line parser."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train, evaluate and search SimCSE/DiffCSE sentence embeddings.")
+    parser = Parser(prog=prog, description="Train, evaluate and search SimCSE/DiffCSE sentence embeddings.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
@@ -32,31 +40,23 @@ def main(argv: list[str] | None = None, prog: str = "diffcse") -> int:
     # Models come from local folders only: nothing may reach for the Hugging Face Hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from diffcse.core.errors import InputError
-    from diffcse.core.folder import NonFiniteWeightsError
+    from diffcse.core.errors import InputError, RunFailed
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    name = getattr(args, "command_name", f"{prog} {args.command}")
     try:
         return int(args.func(args) or 0)
-    except NonFiniteWeightsError as err:
-        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+    except RunFailed as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 1
     except (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError) as err:
-        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        from diffcse.training.guard import TrainingDiverged
-
-        if not isinstance(err, TrainingDiverged):
-            raise
-        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

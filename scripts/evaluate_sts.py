@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a sentence encoder on SentEval STS (and transfer) tasks; same options as `diffcse eval`."""
+"""Evaluate a sentence encoder on SentEval STS (and transfer) tasks; the same options as `diffcse eval`."""
 
 import os
 import sys
@@ -8,7 +8,7 @@ import sys
 # multi-threaded inference several-fold; on an idle one this costs nothing measurable.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from diffcse.evaluation.cli import main  # noqa: E402
+from diffcse.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["eval", *sys.argv[1:]], prog="evaluate_sts.py"))

@@ -22,7 +22,7 @@ from transformers import (
 
 from diffcse.core.modeling import BatchNormProjection
 from diffcse.core.packing import PACKING_KWARG
-from diffcse.training.config import TrainConfig
+from diffcse.training.config import TrainConfig, load_config
 from diffcse.training.objectives.diffcse import ConditionalDiscriminator, DiffCSEModel
 from diffcse.training.objectives.generators import (
     EmbeddingNeighboursGenerator,
@@ -442,3 +442,69 @@ def test_full_loss_equals_naive_computation(count_padding: bool, tiny_bert_dir: 
     assert loss == pytest.approx(contrast + lam * rtd, rel=1e-4)
     assert stats["replaced_fraction"] == pytest.approx(labels.sum().item() / attended.sum().item())
     assert n * 2 == corrupted.size(0)
+
+
+# --- the paper recipes compute what the reference computes --------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["diffcse-bert-base-sts", "diffcse-bert-base-transfer"])
+def test_paper_recipe_equals_the_reference_rtd_computation(
+    recipe: str, mlm_dirs: dict, tiny_bert_dir: str, tok: object, batch: dict
+) -> None:
+    """The reference: argmax of the generator at every position, [CLS] restored, labels on attended
+    positions, discriminator input `generated * attention_mask`, and CrossEntropy averaged over all
+    B*L positions, padding included. Done here by hand and compared with the configured model."""
+    from diffcse.core.folder import resolve_model_path
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs" / f"{recipe}.yaml", {
+        "model": tiny_bert_dir, "generator": f"mlm:{mlm_dirs['bert']}", "generator_train_mode": False,
+        "output_dir": "unused", "train_file": "unused",
+    })
+    assert config.rtd_count_padding and config.generator_positions == "all"
+    model = build_model(config, resolve_model_path(tiny_bert_dir), tok).train()
+    no_dropout(model)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (mask == 0).any()
+
+    torch.manual_seed(3)
+    corrupted, replaced = model.corrupt(ids, mask)
+    torch.manual_seed(3)
+    masked = model.masker(ids, mask).input_ids
+    with torch.no_grad():
+        reference = model.generator.model(input_ids=masked, attention_mask=mask).logits.argmax(-1)
+    reference[:, 0] = tok.cls_token_id
+    ref_replaced = (reference != ids) * mask
+    ref_inputs = reference * mask
+    assert torch.equal(corrupted, ref_inputs) and torch.equal(replaced.long(), ref_replaced)
+    # Unmasked positions take the generator's token too (the reference's argmax over all positions).
+    unmasked_changed = (reference != ids) & mask.bool() & (masked == ids)
+    assert unmasked_changed.any(), "the tiny random MLM should rewrite some unmasked tokens"
+    assert replaced[unmasked_changed].all()
+
+    h = torch.randn(ids.size(0), 32)
+    logits = model.discriminator(corrupted, mask, h)
+    ours, _ = model.rtd_loss(logits, replaced, mask)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), ref_replaced.reshape(-1))  # every position
+    torch.testing.assert_close(ours, ref)
+    # Our cheaper default (real tokens only) is a different number on a padded batch.
+    cheap = torch.nn.functional.cross_entropy(logits[mask.bool()], ref_replaced[mask.bool()])
+    assert not torch.allclose(ref, cheap)
+
+
+def test_diffcse_without_a_generator_is_refused_and_recipe_defaults_are_the_papers() -> None:
+    with pytest.raises(ValueError, match="generator: DiffCSE needs one"):
+        load_config(None, {"objective": "diffcse"})
+    config = load_config(None, {"objective": "diffcse", "generator": "random"})
+    assert (config.learning_rate, config.num_epochs, config.mask_ratio, config.lambda_weight, config.head) == (
+        7e-6, 2.0, 0.30, 0.005, "batchnorm")
+    simcse = load_config(None, {"objective": "simcse"})
+    assert (simcse.learning_rate, simcse.num_epochs, simcse.batch_size) == (3e-5, 1.0, 64)
+    # An explicit value always wins over the recipe.
+    assert load_config(None, {"objective": "diffcse", "generator": "random", "learning_rate": 1e-5}).learning_rate == 1e-5
+    with pytest.raises(ValueError, match="batchnorm is a training-only head"):
+        load_config(None, {"objective": "diffcse", "generator": "random", "mlp_only_train": False})
+    with pytest.raises(ValueError, match="generator_positions: 'all' applies to an mlm:PATH generator"):
+        from diffcse.training.objectives.generators import build_generator
+
+        build_generator("random", None, None, masked_only=False)

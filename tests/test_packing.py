@@ -42,13 +42,35 @@ def test_packing_layout_round_trips() -> None:
     assert Packing.of(torch.tensor([[0, 0, 0], [1, 1, 1]])) is None
 
 
-@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+@pytest.fixture(scope="module")
+def tiny_roberta_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random RoBERTa folder (positions start at pad_token_id + 1, the fairseq convention)."""
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=70, pad_token_id=1,
+    )
+    folder = tmp_path_factory.mktemp("tiny_roberta")
+    RobertaModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def _roberta_batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(5, 120, (6, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate([11, 4, 7, 2, 9, 5]):
+        mask[row, n:] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, 1), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta"])
 @pytest.mark.parametrize("pooler", ["avg", "cls", "avg_first_last"])
 def test_packed_encoder_equals_padded_with_gradients(
-    arch: str, pooler: str, tiny_bert_dir: str, tiny_distilbert_dir: str
+    arch: str, pooler: str, tiny_bert_dir: str, tiny_distilbert_dir: str, tiny_roberta_dir: str
 ) -> None:
-    path = tiny_bert_dir if arch == "bert" else tiny_distilbert_dir
-    batch = _batch(path)
+    path = {"bert": tiny_bert_dir, "distilbert": tiny_distilbert_dir, "roberta": tiny_roberta_dir}[arch]
+    batch = _roberta_batch() if arch == "roberta" else _batch(path)
     results = []
     for packed in (False, True):
         torch.manual_seed(0)
@@ -63,6 +85,8 @@ def test_packed_encoder_equals_padded_with_gradients(
     (e0, g0), (e1, g1) = results
     torch.testing.assert_close(e1, e0, atol=1e-5, rtol=1e-4)
     assert g0.keys() == g1.keys() and len(g0) > 10
+    if arch == "roberta":
+        assert any("position_embeddings" in name for name in g0)  # positions were learned through
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
 

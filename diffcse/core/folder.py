@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffcse.core.errors import InputError
+from diffcse.core.errors import InputError, RunFailed
 from diffcse.core.io import fsync_dir, write_json_atomic
 
 PACKAGED_MODEL = "all-MiniLM-L6-v2 (packaged)"
@@ -30,11 +30,13 @@ _ST_POOLING = {
     "cls": "cls_before_pooler", "mean": "avg",
 }
 _NATIVE_MODULES = {"Transformer", "Pooling", "Normalize"}
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
 # Our pooler names -> sentence-transformers pooling modes.
 ST_POOLING = {"cls": "cls", "cls_before_pooler": "cls", "avg": "mean"}
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(RunFailed):
     """A model's weights hold NaN or infinity; it is never exported."""
 
 
@@ -174,11 +176,20 @@ def load_tokenizer(path: str) -> object:
     """The folder's tokenizer; a folder without a usable one is an error naming it."""
     from transformers import AutoTokenizer
 
+    # Without its files transformers builds a tokenizer of special tokens only, which maps every
+    # word to [UNK] without a word of warning; refuse that folder instead.
+    if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+        raise InputError(
+            f"model {path}: no usable tokenizer in the folder (none of {', '.join(_TOKENIZER_FILES)})"
+        )
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"model {path}: no usable tokenizer in the folder ({first})") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise InputError(f"model {path}: no usable tokenizer in the folder (its vocabulary holds only special tokens)")
+    return tokenizer
 
 
 def resolve_max_length(requested: int | None, declared: int | None, tokenizer: object, config: object, path: str) -> int:

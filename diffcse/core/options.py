@@ -281,5 +281,5 @@ def add_command(
         base = read_yaml(args.config, cls) if config_file and args.config else None
         return int(run(from_args(cls, args, base)) or 0)
 
-    p.set_defaults(func=execute, config_class=cls)
+    p.set_defaults(func=execute, config_class=cls, command_name=p.prog)
     return p

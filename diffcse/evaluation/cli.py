@@ -1,4 +1,4 @@
-"""`diffcse eval` and `scripts/evaluate_sts.py`: SentEval STS/transfer evaluation of a model folder."""
+"""`diffcse eval` (and `scripts/evaluate_sts.py`): SentEval STS/transfer evaluation of a model folder."""
 
 from __future__ import annotations
 
@@ -96,9 +96,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_command(subparsers, "eval", EvalConfig, run,
                 help="SentEval: STS and transfer tasks (faithful, fast, CPU-capable)", description=__doc__)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (scripts/evaluate_sts.py): the same options as `diffcse eval`."""
-    from diffcse.cli import main as diffcse_main
-
-    return diffcse_main(["eval", *(sys.argv[1:] if argv is None else argv)], prog="evaluate_sts.py")

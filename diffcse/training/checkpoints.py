@@ -59,6 +59,7 @@ def problem(path: Path) -> str | None:
     """Why the checkpoint folder cannot be resumed from, or None if every file is there and loads."""
     import torch
     from safetensors import SafetensorError, safe_open
+    from transformers.trainer_pt_utils import safe_globals
 
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
@@ -89,7 +90,9 @@ def problem(path: Path) -> str | None:
                 with safe_open(str(file), "pt") as fh:
                     fh.keys()
             else:
-                torch.load(file, weights_only=False if file.name.startswith("rng_state") else True, mmap=True)
+                # What the Trainer itself allows when it resumes (numpy RNG state), and nothing more.
+                with safe_globals():
+                    torch.load(file, weights_only=True, mmap=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"{file.name} does not load ({first})"

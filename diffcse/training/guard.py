@@ -14,10 +14,12 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from diffcse.core.errors import RunFailed
+
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """The loss or the gradients became NaN/infinite; the message names the step and what to resume from."""
 
     def __init__(self, message: str, step: int) -> None:

@@ -299,6 +299,24 @@ def _describe_checkpoint(out: Path) -> str:
         return "none (no checkpoint was completed)"
 
 
+def _close_progress_bars(trainer: Trainer) -> None:
+    """End the Trainer's progress bar line, so the error that follows starts on a line of its own."""
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
+
+
+def _describe_export(out: Path) -> str:
+    """What a stopped run left in output_dir, for messages."""
+    try:
+        best = json.loads((out / "best.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"nothing was exported to {out}"
+    return f"the model exported to {out} (step {best.get('step')}) was left as it was"
+
+
 def train(config: TrainConfig) -> dict:
     """Run one training job end to end; return a summary (also written to output_dir/summary.json).
 
@@ -383,8 +401,8 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     try:
         trainer.train(resume_from_checkpoint=str(resume.path) if resume is not None else None)
     except TrainingDiverged as err:
-        message = (f"{err}. Last complete checkpoint: {_describe_checkpoint(out)}; "
-                   f"the model in {out} is from the last good evaluation and was left as it was")
+        _close_progress_bars(trainer)
+        message = f"{err}. Last complete checkpoint: {_describe_checkpoint(out)}; {_describe_export(out)}"
         summary.update(status="diverged", error=message, steps=err.step,
                        train_seconds=time.perf_counter() - start,
                        stsb_dev_spearman_best=trainer.best_score if scorer is not None else None)
