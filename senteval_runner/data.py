@@ -114,6 +114,14 @@ def _float(value: str, path: Path, lineno: int, what: str) -> float:
         raise SentEvalDataError(f"{path}:{lineno}: {what} is not a number: {value!r}") from None
 
 
+def _int(value: str, path: Path, lineno: int, what: str) -> int:
+    """Parse a label field, naming the file/line/field on failure."""
+    try:
+        return int(value)
+    except ValueError:
+        raise SentEvalDataError(f"{path}:{lineno}: {what} is not an integer: {value!r}") from None
+
+
 def _fields(line: str, path: Path, lineno: int, need: int, what: str) -> list[str]:
     """Split a stripped line on tabs and check it has at least ``need`` fields."""
     parts = line.strip().split("\t")
@@ -334,10 +342,7 @@ def read_sst_file(path: Path) -> tuple[list[str], list[int]]:
     xs, ys = [], []
     for i, line in _iter_lines(path, "utf-8"):
         parts = _fields(line, path, i, 2, "text, label")
-        try:
-            ys.append(int(parts[1]))
-        except ValueError:
-            raise SentEvalDataError(f"{path}:{i}: label (column 2) is not an integer: {parts[1]!r}") from None
+        ys.append(_int(parts[1], path, i, "label (column 2)"))
         xs.append(join_tokens(parts[0]))
     if ys and max(ys) != 1:
         raise SentEvalDataError(f"{path}: binary SST labels must be 0/1, max is {max(ys)}")
@@ -360,10 +365,7 @@ def read_mrpc_file(path: Path) -> tuple[list[str], list[str], list[int]]:
         if i == 1:
             continue
         parts = _fields(line, path, i, 5, "Quality, #1 ID, #2 ID, #1 String, #2 String")
-        try:
-            ys.append(int(parts[0]))
-        except ValueError:
-            raise SentEvalDataError(f"{path}:{i}: Quality (column 1) is not an integer: {parts[0]!r}") from None
+        ys.append(_int(parts[0], path, i, "Quality (column 1)"))
         a.append(join_tokens(parts[3]))
         b.append(join_tokens(parts[4]))
     return a, b, ys

@@ -96,7 +96,6 @@ class FolderPooling:
     normalize: bool = False
     max_seq_length: int | None = None
     native: bool = True  # False: needs SentenceTransformer itself (modules we do not reproduce)
-    is_st: bool = False
     exported_by_diffcse: bool = False
     head_at_inference: bool | None = None
 
@@ -124,7 +123,6 @@ def read_folder_pooling(path: str) -> FolderPooling:
         info.head_at_inference = bool(meta.get("head_at_inference", False))
     modules_file = folder / "modules.json"
     if modules_file.exists():
-        info.is_st = True
         modules = _read_json(modules_file)
         if not isinstance(modules, list):
             raise InputError(f"{modules_file}: expected a list of modules")

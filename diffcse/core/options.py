@@ -37,7 +37,6 @@ def opt(
     format: Callable[[Any], list[str]] | None = None,
     metavar: str | None = None,
     none_words: tuple[str, ...] = (),
-    cli: bool = True,
     default_factory: Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field with what its command-line option needs (help, choices, bounds, aliases).
@@ -48,7 +47,7 @@ def opt(
     (e.g. 'all' for "no limit"), besides 'none'.
     """
     meta = {"help": help, "choices": choices, "min": min, "max": max, "aliases": aliases,
-            "parse": parse, "format": format, "metavar": metavar, "none_words": none_words, "cli": cli}
+            "parse": parse, "format": format, "metavar": metavar, "none_words": none_words}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -91,8 +90,6 @@ def fields_of(cls: type) -> list[FieldSpec]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        if not f.metadata.get("cli", True):
-            continue
         tp, optional = _unwrap(hints[f.name])
         origin = typing.get_origin(tp) or tp
         if origin is list:

@@ -53,11 +53,6 @@ class LoadedTask:
     pool: Examples
     test: Examples | None
 
-    @property
-    def is_pair(self) -> bool:
-        """Whether examples are sentence pairs."""
-        return self.pool.x2 is not None
-
 
 @dataclass
 class Episode:

@@ -17,7 +17,7 @@ from diffcse.core.folder import model_name
 from diffcse.core.io import write_json_atomic
 from diffcse.finetune.config import FinetuneConfig
 from diffcse.finetune.data import Episode, Examples, LoadedTask, load_fewshot_task, make_episode
-from diffcse.finetune.losses import CombinedLoss, LossSpec, proxy_scores
+from diffcse.finetune.losses import CombinedLoss, LossSpec, predict_nearest_proxy
 from diffcse.finetune.model import Featurizer, FineTuneModel, Prepared
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def evaluate(
         acc_cls = float((model.head(feats).argmax(1) == y).float().mean())
         acc_proxy = None
         if spec.proxy_terms:
-            pred = proxy_scores(loss_fn.dml[spec.proxy_terms[0]], feats).argmax(1)
+            pred = predict_nearest_proxy(loss_fn.dml[spec.proxy_terms[0]], feats)
             acc_proxy = float((pred == y).float().mean())
     finally:
         model.train(was)

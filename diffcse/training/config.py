@@ -106,8 +106,6 @@ class TrainConfig:
     discriminator_input: str = opt("projected", "what conditions the discriminator: the head's output or "
                                    "the pooled vector", choices=("projected", "pooled"))
     rtd_count_padding: bool = opt(False, "average L_RTD over padding too, as the reference does")
-    # Extra free-form notes kept with the run.
-    notes: dict = opt(default_factory=dict, cli=False)
 
     def validate(self) -> None:
         """Reject impossible settings, naming the field; fill unset fields from the objective's recipe.

@@ -167,6 +167,27 @@ class MLMGenerator(Packable):
             self.model.to(device)
 
 
+class TokenReplacer(nn.Module):
+    """A generator that needs no model: each selected position gets `replacements(original tokens)`."""
+
+    def replacements(self, originals: torch.Tensor) -> torch.Tensor:
+        """New ids for the given original ids (1-D)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(
+        self,
+        original_ids: torch.Tensor,
+        masked_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        selected: torch.Tensor,
+    ) -> torch.Tensor:
+        """The original ids with every selected position replaced; the rest untouched."""
+        out = original_ids.clone()
+        out[selected] = self.replacements(original_ids[selected])
+        return out
+
+
 def neighbour_table(
     embeddings: torch.Tensor, k: int, excluded: torch.Tensor, chunk_size: int = 2048
 ) -> torch.Tensor:
@@ -202,7 +223,7 @@ def _neighbour_table(embeddings: torch.Tensor, k: int, excluded: torch.Tensor, c
     return table
 
 
-class EmbeddingNeighboursGenerator(nn.Module):
+class EmbeddingNeighboursGenerator(TokenReplacer):
     """Replace each selected token by one drawn uniformly from its k cosine neighbours in the input embeddings.
 
     For users with no MLM: it needs no extra weights. The table is built once from the encoder's
@@ -227,23 +248,13 @@ class EmbeddingNeighboursGenerator(nn.Module):
         # Rows past the tokenizer's size (padded vocabularies) are never produced by tokenisation.
         return cls(weight[: len(tokenizer)], unusable_token_ids(tokenizer), k)
 
-    @torch.no_grad()
-    def forward(
-        self,
-        original_ids: torch.Tensor,
-        masked_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        selected: torch.Tensor,
-    ) -> torch.Tensor:
-        """Every selected position gets a neighbour of its original token (never the token itself)."""
-        out = original_ids.clone()
-        originals = original_ids[selected]
-        choice = torch.randint(self.k, (originals.numel(),), device=out.device)
-        out[selected] = self.table[originals, choice]
-        return out
+    def replacements(self, originals: torch.Tensor) -> torch.Tensor:
+        """A random one of each original token's k neighbours (never the token itself)."""
+        choice = torch.randint(self.k, (originals.numel(),), device=originals.device)
+        return self.table[originals, choice]
 
 
-class RandomGenerator(nn.Module):
+class RandomGenerator(TokenReplacer):
     """Replace each selected token by a uniformly random ordinary vocabulary token (the paper's ablation).
 
     Ordinary = neither special nor a never-trained placeholder like [unused12] (masking.ordinary_token_ids).
@@ -258,19 +269,9 @@ class RandomGenerator(nn.Module):
         """Draw from the tokenizer's ordinary ids (no specials, no placeholders)."""
         return cls(ordinary_token_ids(tokenizer))
 
-    @torch.no_grad()
-    def forward(
-        self,
-        original_ids: torch.Tensor,
-        masked_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        selected: torch.Tensor,
-    ) -> torch.Tensor:
-        """Every selected position gets a random ordinary token (it may by chance equal the original)."""
-        out = original_ids.clone()
-        picks = torch.randint(len(self.pool), (int(selected.sum()),), device=out.device)
-        out[selected] = self.pool[picks]
-        return out
+    def replacements(self, originals: torch.Tensor) -> torch.Tensor:
+        """A random ordinary token per position (it may by chance equal the original)."""
+        return self.pool[torch.randint(len(self.pool), (originals.numel(),), device=originals.device)]
 
 
 def build_generator(
