@@ -31,8 +31,8 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python scripts/bench_train.py
-	$(BIN)/python scripts/bench_eval.py
+	$(BIN)/python -m benchmarks.bench_train
+	$(BIN)/python -m benchmarks.bench_eval
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

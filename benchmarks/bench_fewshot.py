@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Few-shot fine-tuning benchmark: CCE against CCE + DML losses on SentEval transfer tasks.
 
 For every task, seed and shot size the same episode (training sample and test set) and the same
@@ -13,11 +12,15 @@ head initialisation are used for every loss, so "Δ vs CCE" is a paired differen
 
 Writes results/bench_fewshot.json after every run (atomically; --resume skips finished runs)
 and results/bench_fewshot.md (the table) at the end.
+
+    python -m benchmarks.bench_fewshot --out results/bench_fewshot.json
+    python -m benchmarks.bench_fewshot --out results/bench_fewshot.json --report-only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -25,12 +28,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from diffcse.core.runtime import quiet_openmp
+
 # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning threads cost a lot.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+quiet_openmp()
 
 import numpy as np  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import machine_probe, record_model, write_result  # noqa: E402
+from diffcse.core.io import write_text_atomic  # noqa: E402
 
 # What the papers report (RoBERTa-large, few-shot SentEval transfer tasks), in accuracy points.
 CLAIMS = {
@@ -77,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a contended 2-core box)")
     p.add_argument("--senteval-data", default=None)
-    p.add_argument("--out", default=str(REPO / "results" / "bench_fewshot.json"))
+    p.add_argument("--out", default="results/bench_fewshot.json")
     p.add_argument("--resume", action="store_true", help="keep finished runs from --out and do the rest")
     p.add_argument("--report-only", action="store_true", help="recompute the summary and table from --out's runs")
     return p.parse_args(argv)
@@ -200,21 +206,17 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the grid, saving after every run."""
     args = parse_args(argv)
-    import json
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from diffcse.core.io import write_json_atomic
+    from diffcse.core.runtime import set_threads
     from diffcse.finetune import FinetuneConfig, Finetuner, load_fewshot_task, make_episode
     from diffcse.finetune.losses import parse_loss_spec
 
+    set_threads(args.threads)
     out = Path(args.out)
     if args.report_only:
         report = json.loads(out.read_text())
         rows = summarize(report["runs"], report["meta"]["losses"])
         report.update({"summary": rows, "claims": verdicts(rows, report["runs"])})
-        write_json_atomic(out, report)
+        write_result(out, report)
         write_markdown(out, report)
         return 0
     runs: list[dict] = []
@@ -223,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["task"], r["shots"], r["loss"], r["seed"]) for r in runs}
     tuner = Finetuner(args.model, None, args.max_seq_length, args.train_layers, "cpu")
     meta = {
-        "model": tuner.model_path, "model_name": "all-MiniLM-L6-v2 (packaged)" if args.model is None else args.model,
+        "model": record_model(tuner.model_path), "model_name": record_model(tuner.model_path),
         "pooler": tuner.pooler, "tasks": args.tasks, "shots": args.shots, "seeds": args.seeds, "losses": args.losses,
         "train_layers": args.train_layers, "epochs": args.epochs, "min_steps": args.min_steps,
         "max_steps": args.max_steps, "batch_size": args.batch_size,
         "lr": args.lr, "head_lr": args.head_lr, "proxy_lr": args.proxy_lr, "max_seq_length": args.max_seq_length,
         "max_test": args.max_test, "test_fraction": args.test_fraction, "threads": args.threads,
-        "cpu": f"{os.cpu_count()} CPU cores ({platform.machine()}), shared", "torch": torch.__version__,
+        "cpu": f"{os.cpu_count()} CPU cores ({platform.machine()}), shared", "machine": machine_probe(),
         "loss_specs": {loss: asdict(parse_loss_spec(loss)) for loss in args.losses},
         "protocol": {},
     }
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["wall_seconds"] = time.perf_counter() - t_start + prior_wall
         rows = summarize(runs, args.losses)
         report.update({"meta": meta, "summary": rows, "claims": verdicts(rows, runs), "runs": runs, "complete": final})
-        write_json_atomic(out, report)
+        write_result(out, report)
 
     prior_wall = json.loads(out.read_text())["meta"].get("wall_seconds", 0.0) if args.resume and out.exists() else 0.0
     for task in args.tasks:
@@ -281,11 +283,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_markdown(out: Path, report: dict) -> None:
     """Write the table next to the JSON (atomically) and print it."""
-    md = out.with_suffix(".md")
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(markdown(report))
-    os.replace(tmp, md)
-    print(markdown(report))
+    text = markdown(report)
+    write_text_atomic(out.with_suffix(".md"), text)
+    print(text)
 
 
 if __name__ == "__main__":

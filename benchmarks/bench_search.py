@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark the search index kinds on real MiniLM embeddings: build time, memory, QPS, recall@10.
 
 Two sets: the corpus's real vectors (113,699 sentences minus held-out queries) and a 1,000,000-
@@ -8,6 +7,8 @@ is in the index. Recall@10 is measured against exact inner-product search on the
 Embeddings are cached under runs/bench_search/ (chunk by chunk, so an interrupted encode resumes).
 Results go to results/bench_search.json, written atomically; timings on a shared machine are
 noisy, so the load average is recorded around every phase.
+
+    python -m benchmarks.bench_search --output results/bench_search.json
 """
 
 from __future__ import annotations
@@ -16,35 +17,35 @@ import argparse
 import gc
 import hashlib
 import os
-import platform
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from diffcse.core.runtime import quiet_openmp
+
 # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning threads slow
 # every other process (and our own timings) down.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+quiet_openmp()
 
 import numpy as np  # noqa: E402
 
-from diffcse.core.io import write_json_atomic
+from benchmarks.common import (  # noqa: E402
+    loadavg,
+    machine_probe,
+    peak_rss_mb,
+    record_model,
+    record_path,
+    record_settings,
+    rss_mb,
+    write_result,
+)
+from diffcse.core.errors import InputError  # noqa: E402
+from diffcse.core.io import atomic_path, default_corpus, iter_lines, sha256_file  # noqa: E402
+from diffcse.core.runtime import set_threads  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET_RECALL = 0.95
 TARGET_SPEEDUP = 20.0
-
-
-def default_corpus() -> Path:
-    """$DIFFCSE_DATA_DIR/corpus/derived/sentences.txt, else the shared data beside the checkout."""
-    root = os.environ.get("DIFFCSE_DATA_DIR")
-    if root:
-        return Path(root) / "corpus" / "derived" / "sentences.txt"
-    for cand in (REPO / "data", REPO.parent / "shared" / "data"):
-        if (cand / "corpus" / "derived" / "sentences.txt").exists():
-            return cand / "corpus" / "derived" / "sentences.txt"
-    return REPO / "data" / "corpus" / "derived" / "sentences.txt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=default_corpus(), help="one sentence per line")
     p.add_argument("--model", default=None, help="model folder (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--cache-dir", type=Path, default=REPO / "runs" / "bench_search")
-    p.add_argument("--output", type=Path, default=REPO / "results" / "bench_search.json")
+    p.add_argument("--cache-dir", type=Path, default=Path("runs/bench_search"))
+    p.add_argument("--output", type=Path, default=Path("results/bench_search.json"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--chunk-size", type=int, default=4096, help="sentences per cached embedding chunk")
@@ -70,48 +71,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     """np.save to a temp file beside path, then rename: a crash never leaves half an array."""
-    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
 def read_corpus(path: Path) -> list[str]:
     """Non-empty stripped lines of the corpus."""
-    if not path.is_file():
-        sys.exit(f"bench_search: corpus {path} not found (set DIFFCSE_DATA_DIR or pass --corpus)")
-    with open(path, encoding="utf-8") as fh:
-        return [s for s in (line.strip() for line in fh) if s]
+    try:
+        return [line.text for line in iter_lines(path, "corpus")]
+    except InputError as err:
+        sys.exit(f"bench_search: {err} (set DIFFCSE_DATA_DIR or pass --corpus)")
 
 
 def cached_embeddings(args: argparse.Namespace, texts: list[str]) -> tuple[np.ndarray, dict]:
     """Normalised embeddings of texts, encoded chunk by chunk into the cache (resumable)."""
-    import torch
-
     from diffcse.core.encoder import Encoder
 
-    torch.set_num_threads(args.threads)
     encoder = Encoder.load(args.model)
     key = hashlib.sha256(f"{encoder.fingerprint}|{sha256_file(args.corpus)}|{len(texts)}".encode()).hexdigest()[:16]
     folder = args.cache_dir / key
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / "embeddings.npy"
-    info = {"model": encoder.name_or_path, "fingerprint": encoder.fingerprint, "cache": str(final), "dim": encoder.dim}
+    info = {"model": record_model(encoder.name_or_path), "fingerprint": encoder.fingerprint,
+            "cache": f"{record_path(args.cache_dir)}/{key}/{final.name}", "dim": encoder.dim}
     if final.exists():
         return np.load(final, mmap_mode="r"), info
     t0 = time.perf_counter()
@@ -133,18 +117,6 @@ def cached_embeddings(args: argparse.Namespace, texts: list[str]) -> tuple[np.nd
         (folder / f"chunk_{c:05d}_{args.chunk_size}.npy").unlink()
     info["encode_s"] = round(time.perf_counter() - t0, 1)
     return np.load(final, mmap_mode="r"), info
-
-
-def loadavg() -> list[float]:
-    """1/5/15-minute load averages, rounded."""
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def rss_mb() -> float:
-    """Resident memory of this process in MiB."""
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
@@ -287,22 +259,19 @@ def pick(row: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the JSON."""
     args = parse_args(argv)
+    set_threads(args.threads)  # torch (encoding) and faiss (indexes)
     texts = read_corpus(args.corpus)
     vectors, enc_info = cached_embeddings(args, texts)
     print(f"{len(texts)} sentences -> {vectors.shape} ({enc_info['cache']})", flush=True)
     if args.encode_only:
         return 0
-    import faiss
-
-    faiss.omp_set_num_threads(args.threads)
     queries, sets = make_sets(args, np.asarray(vectors))
     rng = np.random.default_rng(args.seed)
     perm = rng.permutation(len(vectors))
     real_texts = [texts[i] for i in np.sort(perm[args.queries :])]
     report: dict = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
-                    "faiss": faiss.__version__, "python": platform.python_version()},
+        "settings": record_settings(vars(args), models=("model",), paths=("corpus", "cache_dir", "output")),
+        "machine": machine_probe(),
         "encoding": enc_info,
         "queries": len(queries),
         "loadavg_start": loadavg(),
@@ -324,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             row["best"] = pick(row)
             entry["kinds"].append(row)
             report["sets"] = [s for s in report["sets"] if s["name"] != name] + [entry]
-            write_json_atomic(args.output, report)  # partial results survive a long run being cut short
+            write_result(args.output, report)  # partial results survive a long run being cut short
         del base
         gc.collect()
     met = []
@@ -343,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "points": met,
     }
     report["loadavg_end"] = loadavg()
-    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    write_json_atomic(args.output, report)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    write_result(args.output, report)
     print_table(report)
     return 0
 

@@ -9,7 +9,7 @@ torch's dropout, like sentence-transformers), so the report separates what those
 and report each step time against the encoder's FLOP floor (forward + backward ≈ 3× the forward
 FLOPs), both over the padded batch and over its real tokens only.
 
-    python scripts/bench_train.py --steps 30 --output results/bench_train.json
+    python -m benchmarks.bench_train --steps 30 --output results/bench_train.json
 """
 
 from __future__ import annotations
@@ -17,56 +17,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, TrainerCallback
+from transformers import AutoConfig
 
+from benchmarks.common import (
+    encoder_train_flops,
+    loadavg,
+    machine_probe,
+    matmul_gflops,
+    record_settings,
+    step_timer,
+    timed_training,
+    write_result,
+)
 from diffcse.core.folder import default_model_path
-from diffcse.core.io import default_corpus, write_json_atomic
+from diffcse.core.io import default_corpus
+from diffcse.core.runtime import set_threads
 from diffcse.training.config import TrainConfig
 from diffcse.training.data import read_sentences
-
-
-class StepTimer(TrainerCallback):
-    """Wall time of each optimiser step."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        """Start the clock."""
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        """Stop the clock."""
-        self.times.append(time.perf_counter() - self._t)
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
-    """Sustained fp32 GEMM rate of this CPU with torch's current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
-def encoder_train_flops(config: object, tokens: int, seq_len: int) -> float:
-    """FLOPs of one forward+backward of a BERT-style encoder over `tokens` tokens (matmuls only)."""
-    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    per_token_layer = 2 * (4 * h * h + 2 * h * inter)  # QKV+output projections, FFN in and out
-    attention = 2 * 2 * seq_len * h  # scores and weighted sum, per token per layer
-    forward = tokens * layers * (per_token_layer + attention)
-    return 3.0 * forward
 
 
 def run_ours(
@@ -76,25 +48,20 @@ def run_ours(
     """Time our unsupervised SimCSE loop (one 2N forward per step)."""
     from transformers import AutoTokenizer
 
-    from diffcse.training.data import ViewCollator, tokenize_columns
-    from diffcse.training.trainer import ContrastiveTrainer, build_model, training_arguments
+    from diffcse.training.data import tokenize_columns
+    from diffcse.training.trainer import build_model
 
     config = TrainConfig(
         model=model, output_dir=str(workdir), batch_size=args.batch_size, max_seq_length=args.max_len,
         max_steps=args.steps, learning_rate=3e-5, do_eval=False, save_steps=10**9, logging_steps=10**9,
         seed=args.seed, precision=args.precision, pooler="avg", head="mlp", packing=packing,
-        fast_dropout=fast_dropout,
+        fast_dropout=fast_dropout, threads=args.threads,
     )
+    config.validate()
     tokenizer = AutoTokenizer.from_pretrained(model)
     dataset, _ = tokenize_columns(tokenizer, [sentences], args.max_len)
-    timer = StepTimer()
-    trainer = ContrastiveTrainer(
-        model=build_model(config, model, tokenizer), args=training_arguments(config, 0),
-        train_dataset=dataset, data_collator=ViewCollator(tokenizer.pad_token_id), callbacks=[timer],
-        scorer=None, config=config, tokenizer_for_export=tokenizer,
-    )
-    trainer.args.save_strategy = "no"
-    trainer.train()
+    # On the CPU, like sentence-transformers' run below (use_cpu=True).
+    timer = timed_training(config, build_model(config, model, tokenizer), tokenizer, dataset, device="cpu")
     return {"step_seconds": timer.times}
 
 
@@ -111,7 +78,7 @@ def run_st(model: str, sentences: list[str], args: argparse.Namespace, workdir: 
     st = SentenceTransformer(model, device="cpu")
     st.max_seq_length = args.max_len
     data = Dataset.from_dict({"anchor": sentences, "positive": sentences})
-    timer = StepTimer()
+    timer = step_timer()
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(workdir), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=3e-5, warmup_steps=0, seed=args.seed, save_strategy="no", logging_steps=10**9,
@@ -160,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--output", default="results/bench_train.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = args.model or default_model_path()
     path = Path(args.train_file) if args.train_file else default_corpus()
     needed = args.batch_size * (args.steps + 1)
     sentences = read_sentences(path).sentences[:needed]
+    machine = machine_probe()
     gflops = matmul_gflops()
     config = AutoConfig.from_pretrained(model)
     precisions = args.precisions.split(",")
@@ -190,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     floor_s = flops / (gflops * 1e9)
     real_floor_s = encoder_train_flops(config, real_tokens, args.max_len) / (gflops * 1e9)
     result = {
-        "settings": {**vars(args), "model": model, "train_file": str(path)},
-        "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__, "loadavg_end": os.getloadavg()},
+        "settings": record_settings({**vars(args), "model": model, "train_file": path},
+                                    models=("model",), paths=("train_file", "output")),
+        "machine": machine | {"loadavg_end": loadavg()},
         "matmul_gflops": gflops,
         "tokens_per_step": {"real": real_tokens, "padded": padded_tokens, "real_fraction": real_tokens / padded_tokens},
         "encoder_train_gflop_per_step": flops / 1e9,
@@ -221,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         result["speedup"]["defaults: diffcse bf16 vs st fp32"] = (
             speed["diffcse/bf16"] / speed["sentence_transformers/fp32"]
         )
-    write_json_atomic(args.output, result)
+    write_result(args.output, result)
     print(json.dumps({k: result[k] for k in ("matmul_gflops", "flop_floor_step_s", "tokens_per_step", "runs", "speedup", "speedup_per_round")}, indent=2))
     return 0
 

@@ -283,7 +283,7 @@ def training_arguments(config: TrainConfig, device: str) -> TrainingArguments:
     )
 
 
-def _optimizer(args: TrainingArguments, guard: NonFiniteGuard) -> tuple[type, dict]:
+def guarded_optimizer(args: TrainingArguments, guard: NonFiniteGuard) -> tuple[type, dict]:
     """The Trainer's default AdamW (fused: one pass per tensor; foreach cost ~5% of a MiniLM step on CPU), guarded."""
     return GuardedAdamW, {
         "lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
@@ -374,7 +374,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
         train_dataset=dataset,
         data_collator=ViewCollator(tokenizer.pad_token_id),
         callbacks=[JsonlLogger(out / METRICS_FILE), guard] + ([EvalEvery(config.eval_steps)] if scorer else []),
-        optimizer_cls_and_kwargs=_optimizer(args, guard),
+        optimizer_cls_and_kwargs=guarded_optimizer(args, guard),
         scorer=scorer,
         config=config,
         tokenizer_for_export=tokenizer,
