@@ -76,6 +76,7 @@ def main() -> None:
     """Rank r takes rows [r·B, (r+1)·B) of the batch, steps once under DDP, rank 0 saves."""
     model_dir, head, batch_path, out_path = sys.argv[1:5]
     objective = sys.argv[5] if len(sys.argv) > 5 else "simcse"
+    chunk = int(sys.argv[6]) if len(sys.argv) > 6 else 0  # > 0: a gradient-cached step in chunks of this size
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(model_dir, head, objective)
@@ -86,9 +87,15 @@ def main() -> None:
         views = max(2, batch["input_ids"].shape[1])  # one column = unsupervised, run as two views
         per = local["input_ids"].shape[0] * views
         fix_corruption(model, batch["corrupted"][rank * per : (rank + 1) * per], batch["replaced"][rank * per : (rank + 1) * per])
-    ddp = DistributedDataParallel(model)
-    loss = ddp(**local)["loss"]
-    loss.backward()
+    if chunk:
+        from diffcse.training.gradcache import all_reduce_gradients, cached_step
+
+        loss = cached_step(model, local["input_ids"], local["attention_mask"], chunk)
+        all_reduce_gradients(list(model.parameters()))
+    else:
+        ddp = DistributedDataParallel(model)
+        loss = ddp(**local)["loss"]
+        loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     mean_loss /= world

@@ -32,8 +32,11 @@ def run_torchrun(args: list[str], cwd: Path, timeout: int = 240) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize(("views", "head"), [(2, "batchnorm"), (3, "mlp")])
-def test_two_process_step_equals_single_process(tiny_bert_dir: str, tmp_path: Path, views: int, head: str) -> None:
+@pytest.mark.parametrize(("views", "head", "chunk"), [(2, "batchnorm", 0), (3, "mlp", 0), (2, "batchnorm", 3)])
+def test_two_process_step_equals_single_process(
+    tiny_bert_dir: str, tmp_path: Path, views: int, head: str, chunk: int
+) -> None:
+    """chunk > 0: each rank takes gradient-cached steps (gathered negatives, global BN, hand-averaged grads)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
@@ -42,7 +45,8 @@ def test_two_process_step_equals_single_process(tiny_bert_dir: str, tmp_path: Pa
     ds, _ = tokenize_columns(tok, columns, 16)
     batch = ViewCollator(tok.pad_token_id)([ds[i] for i in range(8)])
     torch.save(batch, tmp_path / "batch.pt")
-    run_torchrun([str(Path(__file__).parent / "ddp_worker.py"), tiny_bert_dir, head, str(tmp_path / "batch.pt"), str(tmp_path / "ddp.pt")], tmp_path)
+    run_torchrun([str(Path(__file__).parent / "ddp_worker.py"), tiny_bert_dir, head, str(tmp_path / "batch.pt"),
+                  str(tmp_path / "ddp.pt"), "simcse", str(chunk)], tmp_path)
     ddp = torch.load(tmp_path / "ddp.pt")
 
     single = build(tiny_bert_dir, head)
@@ -59,8 +63,9 @@ def test_two_process_step_equals_single_process(tiny_bert_dir: str, tmp_path: Pa
             assert torch.allclose(ddp["buffers"][name], buf, rtol=1e-9, atol=1e-12), name
 
 
-def test_two_process_diffcse_step_equals_single_process(tiny_bert_dir: str, tmp_path: Path) -> None:
-    """DiffCSE (BN head, packed encoder and discriminator, L_RTD over the global token count)."""
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_two_process_diffcse_step_equals_single_process(tiny_bert_dir: str, tmp_path: Path, chunk: int) -> None:
+    """DiffCSE (BN head, packed encoder and discriminator, L_RTD over the global token count); chunk > 0: cached."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
@@ -80,7 +85,7 @@ def test_two_process_diffcse_step_equals_single_process(tiny_bert_dir: str, tmp_
     assert replaced.any()
     torch.save({**batch, "corrupted": corrupted, "replaced": replaced}, tmp_path / "batch.pt")
     run_torchrun([str(Path(__file__).parent / "ddp_worker.py"), tiny_bert_dir, "batchnorm", str(tmp_path / "batch.pt"),
-                  str(tmp_path / "ddp.pt"), "diffcse"], tmp_path)
+                  str(tmp_path / "ddp.pt"), "diffcse", str(chunk)], tmp_path)
     ddp = torch.load(tmp_path / "ddp.pt")
 
     fix_corruption(single, corrupted, replaced)
@@ -109,13 +114,14 @@ def test_without_gathering_the_loss_differs(tiny_bert_dir: str) -> None:
     assert abs(full - sum(halves) / 2) > 1e-3
 
 
-def test_torchrun_training_then_single_process_resume(tiny_bert_dir: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", [[], ["--grad-cache-chunk", "2"]], ids=["plain", "grad-cache"])
+def test_torchrun_training_then_single_process_resume(tiny_bert_dir: str, tmp_path: Path, cache: list[str]) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(sentences(80)) + "\n")
     out = tmp_path / "run"
     common = ["--model", tiny_bert_dir, "--train-file", str(corpus), "--output-dir", str(out), "--batch-size", "4",
               "--max-seq-length", "16", "--no-do-eval", "--precision", "fp32", "--head", "batchnorm", "--save-steps", "2",
-              "--logging-steps", "1"]
+              "--logging-steps", "1", *cache]
     run_torchrun(["-m", "diffcse", "train", *common, "--max-steps", "2"], tmp_path)
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

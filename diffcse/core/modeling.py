@@ -148,8 +148,13 @@ class SentenceEncoder(Packable, nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        apply_head: bool = True,
     ) -> EncoderOutput:
-        """Encode a batch; the head applies in training, and at inference unless mlp_only_train."""
+        """Encode a batch; the head applies in training, and at inference unless mlp_only_train.
+
+        apply_head=False leaves `embedding` as the pooled vector (gradient caching projects the
+        whole batch at once later, so the head's BatchNorm sees the whole batch).
+        """
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
@@ -168,8 +173,11 @@ class SentenceEncoder(Packable, nn.Module):
         else:
             outputs = self.backbone(**kwargs, output_hidden_states=need_hidden, return_dict=True)
         pooled = pool(outputs, attention_mask, self.pooler, self.use_backbone_pooler)
-        embedding = pooled
+        return EncoderOutput(pooled=pooled, embedding=self.project(pooled) if apply_head else pooled)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The embedding of pooled vectors: the head in training, and at inference unless mlp_only_train."""
         if self.head is not None and (self.training or not self.mlp_only_train):
-            embedding = self.head(pooled)
-        return EncoderOutput(pooled=pooled, embedding=embedding)
+            return self.head(pooled)
+        return pooled
 

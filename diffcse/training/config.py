@@ -73,7 +73,10 @@ class TrainConfig:
     precision: str = opt("auto", "auto = bf16 where the hardware has bf16 units, else fp32; fp16 needs a GPU",
                          choices=PRECISIONS)
     seed: int = opt(42, "seeds everything random: heads, data order, dropout, masking")
-    gradient_accumulation_steps: int = opt(1, "batches per optimiser step", min=1)
+    gradient_accumulation_steps: int = opt(1, "batches per optimiser step (more steps, not more negatives)", min=1)
+    grad_cache_chunk: int | None = opt(None, "gradient caching: encode the batch this many sentences at a "
+                                       "time, so memory holds one chunk's activations; the step's gradient is "
+                                       "the whole batch's (one extra forward pass)", min=1)
     on_nonfinite: str = opt("stop", "a NaN/inf loss or gradient: stop the run, or skip the step",
                             choices=NONFINITE_POLICIES)
     max_skipped_steps: int = opt(10, "with on_nonfinite=skip: stop after this many skipped steps", min=0)
@@ -161,6 +164,8 @@ class TrainConfig:
                 )
             if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
                 raise InputError(f"mask_ratio: must be in (0, 1), got {self.mask_ratio}")
+        if self.grad_cache_chunk is not None and self.precision == "fp16":
+            raise InputError("grad_cache_chunk: gradient caching runs in fp32 or bf16, not fp16 (its loss scaling)")
         if self.objective == "sup-simcse" and self.train_file is None:
             raise InputError("train_file: supervised SimCSE needs a CSV with sent0,sent1[,hard_neg]")
 

@@ -39,6 +39,7 @@ from diffcse.training.checkpoints import CheckpointManifest, RunTotals, resumabl
 from diffcse.training.config import TrainConfig
 from diffcse.training.data import ViewCollator, read_sentences, read_triples, tokenize_columns
 from diffcse.training.distributed import convert_batchnorm
+from diffcse.training.gradcache import all_reduce_gradients, cached_step
 from diffcse.training.guard import GuardedAdamW, NonFiniteGuard, TrainingDiverged
 from diffcse.training.objectives.contrastive import ContrastiveModel
 from diffcse.training.objectives.infonce import InfoNCE
@@ -195,8 +196,18 @@ class ContrastiveTrainer(Trainer):
             self.best_score = best if best is not None else -math.inf
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
-        """One forward/backward; keeps the running loss sum that summary.json and resumes report."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        """One forward/backward (gradient-cached with grad_cache_chunk); keeps the running loss sum."""
+        chunk = self.run_config.grad_cache_chunk
+        if chunk:
+            # Outside DDP's hooks (several backward passes per step), so gradients are averaged by hand.
+            self.model.train()
+            inputs = self._prepare_inputs(inputs)
+            loss = cached_step(self.model, inputs["input_ids"], inputs["attention_mask"], chunk,
+                               1.0 / self.current_gradient_accumulation_steps, self.accelerator.autocast)
+            if self.accelerator.sync_gradients:
+                all_reduce_gradients(list(self.model.parameters()))
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self._loss_sum = self._loss_sum + loss.detach().to("cpu", torch.float64)
         return loss
 
@@ -393,6 +404,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
         "head": config.head,
         "packing": packed,
         "fast_dropout": config.fast_dropout,
+        "grad_cache_chunk": config.grad_cache_chunk,
         "resumed_from_step": resume.step if resume is not None else None,
         "stsb_dev_spearman_before": initial,
         "data": data_info,

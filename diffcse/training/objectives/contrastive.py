@@ -26,10 +26,10 @@ class ContrastiveModel(nn.Module):
         self.gather_negatives = gather_negatives
         self._stats: dict[str, list[float]] = defaultdict(list)
 
-    def encode_views(
+    def flatten_views(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[EncoderOutput, torch.Tensor, torch.Tensor, int]:
-        """Run every view of the batch through the encoder at once; return outputs and flat inputs."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """[N, V, L] ids and mask as [N·V', L] rows, sentence by sentence (V' = 2 for one view)."""
         if input_ids.dim() != 3:
             raise ValueError(f"expected input_ids of shape [N, views, L], got {tuple(input_ids.shape)}")
         n, views, length = input_ids.shape
@@ -38,8 +38,13 @@ class ContrastiveModel(nn.Module):
             input_ids = input_ids.expand(n, 2, length)
             attention_mask = attention_mask.expand(n, 2, length)
             views = 2
-        flat_ids = input_ids.reshape(n * views, length)
-        flat_mask = attention_mask.reshape(n * views, length)
+        return input_ids.reshape(n * views, length), attention_mask.reshape(n * views, length), views
+
+    def encode_views(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[EncoderOutput, torch.Tensor, torch.Tensor, int]:
+        """Run every view of the batch through the encoder at once; return outputs and flat inputs."""
+        flat_ids, flat_mask, views = self.flatten_views(input_ids, attention_mask)
         return self.encoder(flat_ids, flat_mask), flat_ids, flat_mask, views
 
     def contrastive_loss(self, out: EncoderOutput, views: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ encoder through h, so the sentence vector is pushed to carry what the edit chang
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -188,6 +188,44 @@ class DiffCSEModel(ContrastiveModel):
         loss_rtd = self.replaced_token_detection(out, ids, mask)
         self.record(loss_rtd=loss_rtd.item())
         return {"loss": loss_contrast + self.lambda_weight * loss_rtd}
+
+    def rtd_chunked(
+        self,
+        out: EncoderOutput,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: list[tuple[int, int]],
+        autocast: Callable[[], AbstractContextManager],
+        loss_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """L_RTD with the discriminator run (and backpropagated) one chunk of rows at a time.
+
+        For gradient caching (diffcse.training.gradcache): each chunk's share of the whole batch's
+        mean is backpropagated at once, scaled by λ·loss_scale, into the discriminator's .grad;
+        returns the loss value, the sentence vectors h it was conditioned on, and dL/dh.
+        """
+        corrupted, replaced = self.corrupt(input_ids, attention_mask)
+        h = out.embedding if self.discriminator_input == "projected" else out.pooled
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        denominator = self.rtd_loss.denominator(attention_mask, dtype)
+        h_grad = torch.zeros_like(h)
+        total = torch.zeros((), dtype=dtype, device=h.device)
+        logits_all = torch.zeros((*input_ids.shape, 2), dtype=dtype, device=h.device)
+        for a, b in rows:
+            # Padding counts in L_RTD only with rtd_count_padding; otherwise a chunk may drop its pad columns.
+            cols = input_ids.size(1) if self.rtd_loss.count_padding else int(attention_mask[a:b].sum(1).max())
+            h_part = h[a:b].detach().requires_grad_()
+            with autocast():
+                logits = self.discriminator(corrupted[a:b, :cols], attention_mask[a:b, :cols], h_part)
+            part, _ = self.rtd_loss(logits, replaced[a:b, :cols], attention_mask[a:b, :cols], denominator)
+            (part * (self.lambda_weight * loss_scale)).backward()
+            h_grad[a:b] = h_part.grad
+            total = total + part.detach()
+            logits_all[a:b, :cols] = logits.detach().to(dtype)
+        with torch.no_grad():
+            _, stats = self.rtd_loss(logits_all, replaced, attention_mask, denominator)
+        self.record(stats, loss_rtd=total.item())
+        return total, h, h_grad
 
     @torch.no_grad()
     def corrupt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

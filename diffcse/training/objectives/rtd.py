@@ -26,10 +26,32 @@ class ReplacedTokenDetectionLoss(nn.Module):
         super().__init__()
         self.count_padding = count_padding
 
+    def denominator(self, attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """What this rank divides its summed loss by: its share of the global position count.
+
+        With one process that is the batch's position count; under DDP it is the all-reduced count
+        over the world size, so DDP's gradient averaging gives the one-process mean.
+        """
+        if self.count_padding:
+            count = torch.tensor(float(attention_mask.numel()), dtype=dtype, device=attention_mask.device)
+        else:
+            count = attention_mask.bool().sum().to(dtype)
+        _, size = world()
+        if size > 1:
+            count = count.clone()
+            dist.all_reduce(count)
+            count = count / size
+        return count.clamp_min(1.0 / size)
+
     def forward(
-        self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
+        self, logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+        denominator: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return the loss and accuracy on replaced / kept tokens and the replaced fraction (attended positions)."""
+        """Return the loss and accuracy on replaced / kept tokens and the replaced fraction (attended positions).
+
+        `denominator` (from `denominator()` of the whole batch) lets a part of the batch give its
+        share of the whole batch's mean, as gradient caching needs.
+        """
         if logits.shape[:-1] != labels.shape or logits.size(-1) != 2:
             raise ValueError(f"expected logits [B, L, 2] and labels [B, L], got {tuple(logits.shape)} and {tuple(labels.shape)}")
         attended = attention_mask.bool()
@@ -38,17 +60,12 @@ class ReplacedTokenDetectionLoss(nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         per_token = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none")
         if self.count_padding:
-            total, count = per_token.sum(), torch.tensor(float(per_token.numel()), dtype=per_token.dtype)
+            total = per_token.sum()
         else:
-            weights = attended.reshape(-1).to(per_token.dtype)
-            total, count = (per_token * weights).sum(), weights.sum().detach()
-        _, size = world()
-        if size > 1:
-            count = count.to(per_token.device).clone()
-            dist.all_reduce(count)
-            loss = total * size / count.clamp_min(1.0)
-        else:
-            loss = total / count.clamp_min(1.0)
+            total = (per_token * attended.reshape(-1).to(per_token.dtype)).sum()
+        if denominator is None:
+            denominator = self.denominator(attention_mask, per_token.dtype)
+        loss = total / denominator.to(per_token.device, per_token.dtype)
         with torch.no_grad():
             correct = logits.argmax(-1) == labels
             replaced = labels.bool() & attended
