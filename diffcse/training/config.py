@@ -23,6 +23,7 @@ HEADS = ("auto", "none", "mlp", "batchnorm")
 POOLER_CHOICES = ("auto", "cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
 GENERATOR_POSITIONS = ("masked", "all")
 NONFINITE_POLICIES = ("stop", "skip")
+CORPUS_LOADING = ("auto", "memory", "disk")
 # The papers' recipes (SimCSE: BERT-base unsup / sup; DiffCSE: BERT-base STS), applied to every
 # field the user left unset.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -46,6 +47,11 @@ class TrainConfig:
     objective: str = opt("simcse", "training objective", choices=OBJECTIVES)
     encoding_errors: str = opt("strict", "invalid UTF-8 in the training file: an error, or replaced",
                                choices=("strict", "replace"))
+    corpus_loading: str = opt("auto", "memory: tokenise the file up front; disk: read sentences per batch "
+                              "through a line index (corpora larger than RAM); auto: disk above 1 GiB",
+                              choices=CORPUS_LOADING)
+    distinct_batches: bool = opt(True, "keep exact duplicate texts out of one batch (they would be false "
+                                 "negatives); the number moved is logged")
     # Encoder and heads.
     pooler: str = opt("auto", "auto = the folder's own pooling, else [CLS]; the training head applies "
                       "on top of any pooler (the reference applies it with cls only)", choices=POOLER_CHOICES)
@@ -164,6 +170,10 @@ class TrainConfig:
                 )
             if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
                 raise InputError(f"mask_ratio: must be in (0, 1), got {self.mask_ratio}")
+        if self.corpus_loading not in CORPUS_LOADING:
+            raise InputError(f"corpus_loading: {self.corpus_loading!r} is not one of {', '.join(CORPUS_LOADING)}")
+        if self.corpus_loading == "disk" and self.objective == "sup-simcse":
+            raise InputError("corpus_loading: disk reads one sentence per line; sup-simcse's CSV is read into memory")
         if self.grad_cache_chunk is not None and self.precision == "fp16":
             raise InputError("grad_cache_chunk: gradient caching runs in fp32 or bf16, not fp16 (its loss scaling)")
         if self.objective == "sup-simcse" and self.train_file is None:

@@ -43,6 +43,7 @@ from diffcse.training.gradcache import all_reduce_gradients, cached_step
 from diffcse.training.guard import GuardedAdamW, NonFiniteGuard, TrainingDiverged
 from diffcse.training.objectives.contrastive import ContrastiveModel
 from diffcse.training.objectives.infonce import InfoNCE
+from diffcse.training.sampling import DistinctBatchSampler, LineCorpus, ids_key
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -80,27 +81,38 @@ def build_model(config: TrainConfig, model_path: str, tokenizer: object) -> Cont
     return model
 
 
-def load_dataset(config: TrainConfig, tokenizer: object) -> tuple[object, dict]:
-    """Read and tokenise the training file; return the dataset and counts for the log."""
+DISK_CORPUS_BYTES = 1 << 30  # corpus_loading auto: files above this are read from disk per batch
+
+
+def load_dataset(config: TrainConfig, tokenizer: object, out: Path) -> tuple[object, np.ndarray, dict]:
+    """Read the training file (into memory, or as a line index on disk); the dataset, its text keys, counts."""
     path = Path(config.train_file) if config.train_file else default_corpus()
-    if config.objective == "sup-simcse":
-        rows = read_triples(path, config.encoding_errors)
-        columns = [list(col) for col in zip(*rows, strict=True)] if rows else [[]]
-        info = {"examples": len(rows), "columns": len(columns)}
+    disk = config.corpus_loading == "disk" or (
+        config.corpus_loading == "auto" and config.objective != "sup-simcse" and path.is_file()
+        and path.stat().st_size > DISK_CORPUS_BYTES
+    )
+    if disk:
+        dataset = LineCorpus(path, tokenizer, config.max_seq_length, out / "corpus-index", config.encoding_errors)
+        info = {"examples": len(dataset), "loading": "disk", "train_file": path.name}
+        keys = np.asarray(dataset.keys)
     else:
-        sf = read_sentences(path, config.encoding_errors)
-        columns = [sf.sentences]
-        info = {"examples": len(sf.sentences), "empty_lines": sf.empty_lines, "replaced_lines": sf.replaced_lines}
-    n = len(columns[0])
-    if n < config.batch_size:
+        if config.objective == "sup-simcse":
+            rows = read_triples(path, config.encoding_errors)
+            columns = [list(col) for col in zip(*rows, strict=True)] if rows else [[]]
+            info = {"examples": len(rows), "columns": len(columns)}
+        else:
+            sf = read_sentences(path, config.encoding_errors)
+            columns = [sf.sentences]
+            info = {"examples": len(sf.sentences), "empty_lines": sf.empty_lines, "replaced_lines": sf.replaced_lines}
+        dataset, truncated = tokenize_columns(tokenizer, columns, config.max_seq_length)
+        info.update(loading="memory", truncated=truncated, train_file=path.name)
+        keys = np.fromiter((ids_key(ids) for ids in dataset.columns[0]), dtype=np.int64, count=len(dataset))
+    if len(dataset) < config.batch_size:
         raise InputError(
-            f"{path}: {n} usable examples, fewer than one batch ({config.batch_size}); "
+            f"{path}: {len(dataset)} usable examples, fewer than one batch ({config.batch_size}); "
             "add data or lower --batch-size"
         )
-    dataset, truncated = tokenize_columns(tokenizer, columns, config.max_seq_length)
-    info["truncated"] = truncated
-    info["train_file"] = path.name
-    return dataset, info
+    return dataset, keys, info
 
 
 class StsbDevScorer:
@@ -179,8 +191,9 @@ class ContrastiveTrainer(Trainer):
 
     def __init__(  # noqa: ANN204
         self, *args, scorer: StsbDevScorer | None, config: TrainConfig, tokenizer_for_export, guard: NonFiniteGuard,
-        totals: RunTotals, **kwargs,  # noqa: ANN001, ANN002, ANN003
+        totals: RunTotals, train_sampler: DistinctBatchSampler | None = None, **kwargs,  # noqa: ANN001, ANN002, ANN003
     ):
+        self.train_sampler = train_sampler
         super().__init__(*args, **kwargs)
         self.scorer = scorer
         self.run_config = config
@@ -210,6 +223,10 @@ class ContrastiveTrainer(Trainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._loss_sum = self._loss_sum + loss.detach().to("cpu", torch.float64)
         return loss
+
+    def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
+        """Our duplicate-free order when distinct_batches is on, else the Trainer's own."""
+        return self.train_sampler if self.train_sampler is not None else super()._get_train_sampler(train_dataset)
 
     def current_totals(self) -> RunTotals:
         """Loss sum over every step so far (resumed runs included) and the steps skipped."""
@@ -357,7 +374,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     from transformers import AutoConfig
 
     resolve_max_length(config.max_seq_length, None, tokenizer, AutoConfig.from_pretrained(model_path), model_path)
-    dataset, data_info = load_dataset(config, tokenizer)
+    dataset, keys, data_info = load_dataset(config, tokenizer, out)
     log.info("training data: %s", data_info)
     resume = resumable_checkpoint(out / CHECKPOINTS) if config.resume else None
     # Everything random from here on (heads, discriminator, data order, dropout, masking) follows the seed.
@@ -379,6 +396,10 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     args = training_arguments(config, device)
     totals = resume.totals if resume is not None else RunTotals()
     guard = NonFiniteGuard(config.on_nonfinite, config.max_skipped_steps, totals.skipped_steps)
+    sampler = None
+    if config.distinct_batches:
+        # The loss sees one batch per step from every process: that is the group kept duplicate-free.
+        sampler = DistinctBatchSampler(keys, config.batch_size * args.world_size, args.data_seed or config.seed)
     trainer = ContrastiveTrainer(
         model=model,
         args=args,
@@ -391,6 +412,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
         tokenizer_for_export=tokenizer,
         guard=guard,
         totals=totals,
+        train_sampler=sampler,
     )
     trainer.add_callback(CheckpointManifest(Path(args.output_dir), trainer.current_totals))
     initial = None
@@ -434,6 +456,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
         train_seconds=seconds,
         train_loss=totals_now.loss_sum / steps if steps else None,
         skipped_steps=totals_now.skipped_steps,
+        duplicates_moved=sampler.moved if sampler is not None else None,
         stsb_dev_spearman_final=final,
         stsb_dev_spearman_best=trainer.best_score if scorer is not None else None,
     )
