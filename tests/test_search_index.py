@@ -370,6 +370,27 @@ def test_killed_save_keeps_previous_index(data: dict, tmp_path: Path) -> None:
     assert len(SearchIndex.load(path)) == 60
 
 
+def test_reader_retries_when_its_generation_was_swept(data: dict, tmp_path: Path) -> None:
+    # Readers take no lock: a writer may publish a new generation and sweep the one a reader has
+    # just read from the manifest. The reader must open the new one, not report it corrupt.
+    from diffcse.search.index import _open_live
+
+    path = _saved(tmp_path, data, n=50)
+    seen = read_manifest(path)
+    writer = SearchIndex.load(path)
+    writer.add_vectors(data["x"][50:60], data["texts"][50:60])
+    writer.save()
+    assert not (path / seen.generation).exists()
+    manifest, index, store = _open_live(path, seen, verify=True)
+    assert manifest.generation != seen.generation and index.ntotal == store.count() == 60
+    store.close()
+    # A generation that is still the live one but damaged is an error, not a retry loop.
+    live = read_manifest(path)
+    (path / live.generation / "index.faiss").write_bytes(b"")
+    with pytest.raises(CorruptIndexError, match="index.faiss"):
+        _open_live(path, live, verify=True)
+
+
 def test_concurrent_searches_and_adds(data: dict) -> None:
     idx = SearchIndex.create(DIM, "hnsw")
     idx.add_vectors(data["x"][:1000], data["texts"][:1000])

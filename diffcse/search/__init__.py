@@ -5,23 +5,30 @@ from __future__ import annotations
 from diffcse.search.errors import (
     CorruptIndexError,
     EmptyQueryError,
+    IndexConflictError,
     IndexFormatError,
+    IndexLockedError,
     IndexMismatchError,
     SearchIndexError,
 )
 from diffcse.search.index import SearchIndex, SearchResult
 from diffcse.search.manifest import FORMAT_VERSION, KINDS, Manifest, read_manifest
+from diffcse.search.rwlock import index_lock, lock_holder
 
 __all__ = [
     "FORMAT_VERSION",
     "KINDS",
     "CorruptIndexError",
     "EmptyQueryError",
+    "IndexConflictError",
     "IndexFormatError",
+    "IndexLockedError",
     "IndexMismatchError",
     "Manifest",
     "SearchIndex",
     "SearchIndexError",
     "SearchResult",
+    "index_lock",
+    "lock_holder",
     "read_manifest",
 ]

@@ -94,6 +94,7 @@ class AddConfig(ModelOptions):
     index_dir: str = opt(help="the index directory")
     chunk_size: int = opt(8192, "texts encoded and added per step (bounds memory)", min=1)
     encoding_errors: str = opt("strict", "invalid UTF-8 in the input: an error, or replaced", choices=ENCODING_ERRORS)
+    lock_timeout: float = opt(60.0, "seconds to wait while another process writes the index, then fail naming it", min=0)
 
 
 @dataclass(kw_only=True)
@@ -102,6 +103,7 @@ class DeleteConfig(RuntimeOptions):
 
     index_dir: str = opt(help="the index directory")
     ids: list[int] = opt(help="ids to remove", min=0, max=2**63 - 1)
+    lock_timeout: float = opt(60.0, "seconds to wait while another process writes the index, then fail naming it", min=0)
 
 
 @dataclass(kw_only=True)
@@ -139,6 +141,12 @@ class ServeConfig(ModelOptions):
     max_batch: int = opt(256, "texts per request", min=1)
     max_text_chars: int = opt(2000, "characters per text", min=1)
     max_top_k: int = opt(1000, "largest top_k a request may ask for", min=1)
+    api_key: str | None = opt(None, "key that /add and /delete require (Authorization: Bearer KEY or X-API-Key); "
+                              "default $DIFFCSE_API_KEY, which keeps it out of `ps`; none: the server is read-only")
+    allowed_host: list[str] = opt(default_factory=list, help="Host header value to accept besides localhost and "
+                                  "--host, e.g. the server's DNS name (repeatable; '*.example.com' allowed)")
+    lock_timeout: float = opt(60.0, "seconds a write waits while another process writes the index (then 503; "
+                              "with --persist shutdown: at startup, then fail)", min=0)
     log_level: str = opt("info", "uvicorn log level", choices=("critical", "error", "warning", "info", "debug", "trace"))
 
 
@@ -293,38 +301,48 @@ def run_build(cfg: BuildConfig) -> int:
 
 
 def run_add(cfg: AddConfig) -> int:
-    """Entry point of `diffcse index add`: stream the file in chunks, then save atomically."""
-    from diffcse.search.index import SearchIndex
+    """Entry point of `diffcse index add`: as the index's one writer, stream the file in chunks, then save atomically."""
+    from diffcse.core.io import check_input_file
+    from diffcse.search.index import SearchIndex, check_index_dir
     from diffcse.search.manifest import read_manifest
 
     device = _setup(cfg)
+    index_dir = check_index_dir(cfg.index_dir)
+    check_input_file(cfg.input)
     t0 = time.perf_counter()
-    encoder = _load_encoder(cfg, device, read_manifest(cfg.index_dir), cfg.index_dir)
-    index = SearchIndex.load(cfg.index_dir, encoder=encoder)
-    stream = iter_input(cfg.input, cfg.encoding_errors)
+    encoder = _load_encoder(cfg, device, read_manifest(index_dir), cfg.index_dir)
+    index = SearchIndex.load(index_dir, encoder=encoder)
     ids: list[int] = []
-    while chunk := list(itertools.islice(stream, cfg.chunk_size)):
-        ids += index.add([t for t, _ in chunk], [m for _, m in chunk], batch_size=cfg.batch_size, chunk_size=cfg.chunk_size)
-    if not ids:
-        raise InputError(f"input file {cfg.input} has no texts")
-    index.save()
-    print(f"added {len(ids)} texts (ids {ids[0]}..{ids[-1]}) to {cfg.index_dir}: {len(index)} in all, "
-          f"{time.perf_counter() - t0:.1f}s")
-    index.close()
+    try:
+        # Locked from the first id to the save: ids continue from the index on disk (reloaded if
+        # another writer saved meanwhile), and no other writer can save in between.
+        with index.writer(timeout=cfg.lock_timeout, command=f"diffcse index add --input {cfg.input}"):
+            stream = iter_input(cfg.input, cfg.encoding_errors)
+            while chunk := list(itertools.islice(stream, cfg.chunk_size)):
+                ids += index.add([t for t, _ in chunk], [m for _, m in chunk], batch_size=cfg.batch_size,
+                                 chunk_size=cfg.chunk_size)
+            if not ids:
+                raise InputError(f"input file {cfg.input} has no texts")
+        print(f"added {len(ids)} texts (ids {ids[0]}..{ids[-1]}) to {cfg.index_dir}: {len(index)} in all, "
+              f"{time.perf_counter() - t0:.1f}s")
+    finally:
+        index.close()
     return 0
 
 
 def run_delete(cfg: DeleteConfig) -> int:
-    """Entry point of `diffcse index delete`."""
-    from diffcse.search.index import SearchIndex
+    """Entry point of `diffcse index delete`: as the index's one writer, on the index as it is on disk."""
+    from diffcse.search.index import SearchIndex, check_index_dir
 
     _setup(cfg)
-    index = SearchIndex.load(cfg.index_dir)
-    n = index.delete(cfg.ids)
-    if n:
-        index.save()
-    print(f"deleted {n} of {len(set(cfg.ids))} ids; {len(index)} left in {cfg.index_dir}")
-    index.close()
+    index_dir = check_index_dir(cfg.index_dir)
+    index = SearchIndex.load(index_dir)
+    try:
+        with index.writer(timeout=cfg.lock_timeout, command=f"diffcse index delete ({len(cfg.ids)} ids)"):
+            n = index.delete(cfg.ids)
+        print(f"deleted {n} of {len(set(cfg.ids))} ids; {len(index)} left in {cfg.index_dir}")
+    finally:
+        index.close()
     return 0
 
 
@@ -372,23 +390,38 @@ def run_search(cfg: SearchConfig) -> int:
 
 def run_serve(cfg: ServeConfig) -> int:
     """Entry point of `diffcse serve`: one uvicorn worker (the index lives in its memory)."""
+    import contextlib
     import os
 
     import uvicorn
 
-    from diffcse.search.index import SearchIndex
+    from diffcse.search.index import SearchIndex, check_index_dir
     from diffcse.search.manifest import read_manifest
-    from diffcse.search.service import ServiceLimits, create_app
+    from diffcse.search.service import API_KEY_ENV, ServiceLimits, create_app, exposure_warnings
 
     if cfg.threads is None:
         cfg.threads = min(2, os.cpu_count() or 1)
     device = _setup(cfg)
-    encoder = _load_encoder(cfg, device, read_manifest(cfg.index_dir), cfg.index_dir)
-    index = SearchIndex.load(cfg.index_dir, encoder=encoder)
+    index_dir = check_index_dir(cfg.index_dir)
+    api_key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV)
+    api_key = api_key if api_key and api_key.strip() else None
+    encoder = _load_encoder(cfg, device, read_manifest(index_dir), cfg.index_dir)
+    index = SearchIndex.load(index_dir, encoder=encoder)
     limits = ServiceLimits(max_batch=cfg.max_batch, max_text_chars=cfg.max_text_chars, max_top_k=cfg.max_top_k)
-    app = create_app(index, limits=limits, persist=cfg.persist)
-    print(f"serving {cfg.index_dir} ({index.kind}, {len(index)} texts) on http://{cfg.host}:{cfg.port} (docs: /docs)",
-          flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, workers=1)
-    index.close()
+    try:
+        app = create_app(index, limits=limits, persist=cfg.persist, api_key=api_key, host=cfg.host,
+                         allowed_hosts=cfg.allowed_host, lock_timeout=cfg.lock_timeout)
+        # --persist shutdown holds the writer lock for the server's life; taken here so that a held
+        # lock is a one-line error, not a failed uvicorn startup (the app's lifespan re-enters it).
+        holder = (index.writer(timeout=cfg.lock_timeout, command=f"diffcse serve on {cfg.host}:{cfg.port} --persist shutdown")
+                  if cfg.persist == "shutdown" else contextlib.nullcontext())
+        with holder:
+            for warning in exposure_warnings(cfg.host, api_key):
+                print(f"diffcse serve: warning: {warning}", file=sys.stderr, flush=True)
+            writes = "writes need the API key" if api_key else "read-only: no API key"
+            print(f"serving {cfg.index_dir} ({index.kind}, {len(index)} texts) on http://{cfg.host}:{cfg.port} "
+                  f"({writes}; docs: /docs)", flush=True)
+            uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, workers=1)
+    finally:
+        index.close()
     return 0

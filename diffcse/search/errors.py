@@ -21,3 +21,11 @@ class IndexFormatError(SearchIndexError):
 
 class EmptyQueryError(SearchIndexError):
     """A query is empty (no queries, or an empty / whitespace-only text, or a zero vector)."""
+
+
+class IndexLockedError(SearchIndexError):
+    """Another writer holds the index directory's lock and did not let go within the timeout."""
+
+
+class IndexConflictError(SearchIndexError):
+    """Another process saved the index since this copy was loaded, and this copy has unsaved changes."""

@@ -6,6 +6,11 @@ the manifest, written last by temp file + rename, is what names the live generat
     idx/manifest.json              model, dim, metric, kind, params, count, files + checksums
     idx/gen-000003-1a2b3c4d/index.faiss
     idx/gen-000003-1a2b3c4d/store.sqlite
+    idx/.lock                      the writer lock (flock), naming the process that holds it
+
+One writer per directory: every write to disk (save(), and writer() around a whole update) holds
+the lock, and first catches up with what another process saved meanwhile, so no writer overwrites
+another's rows and ids are always allocated from the state on disk. Readers take no lock.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -32,10 +38,12 @@ from diffcse.core.io import fsync_dir, sha256_file, write_json_atomic
 from diffcse.search.errors import (
     CorruptIndexError,
     EmptyQueryError,
+    IndexConflictError,
     IndexMismatchError,
     SearchIndexError,
 )
 from diffcse.search.manifest import (
+    GENERATION_RE,
     INDEX_FILE,
     KINDS,
     MANIFEST_NAME,
@@ -44,7 +52,7 @@ from diffcse.search.manifest import (
     check_file,
     read_manifest,
 )
-from diffcse.search.rwlock import RWLock
+from diffcse.search.rwlock import RWLock, index_lock
 from diffcse.search.store import TextStore
 
 if TYPE_CHECKING:
@@ -59,6 +67,9 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "ivf": {"nlist": None, "nprobe": None, "train_size": 100_000},
     "ivfpq": {"nlist": None, "nprobe": None, "m": None, "nbits": 8, "train_size": 100_000},
 }
+DEFAULT_LOCK_TIMEOUT = 60.0
+# A reader whose generation a writer swept between manifest read and file open retries this often.
+_OPEN_ATTEMPTS = 4
 
 
 class SearchResult(NamedTuple):
@@ -186,6 +197,8 @@ class SearchIndex:
         self._save_lock = threading.Lock()
         self._encoder: Encoder | None = None
         self.path: Path | None = None
+        # Changes in memory that are not on disk yet (add, delete, training, a new model record).
+        self._dirty = False
         self._use_gpu = _gpu_available() if use_gpu is None else bool(use_gpu)
         if self._use_gpu and not _gpu_available():
             raise SearchIndexError("use_gpu=True but this faiss build has no GPU support or sees no GPU")
@@ -326,42 +339,108 @@ class SearchIndex:
             if encoder != "auto":
                 raise SearchIndexError(f"encoder must be an Encoder, None or 'auto', not {encoder!r}")
             encoder = load_recorded_encoder(manifest, str(path))
-        gen = path / manifest.generation
-        index_file = gen / manifest.files["index"]["name"]
-        store_file = gen / manifest.files["store"]["name"]
-        check_file(index_file, manifest.files["index"], verify)
-        check_file(store_file, manifest.files["store"], verify)
+        manifest, index, store = _open_live(path, manifest, verify)
         if encoder is not None:
-            _check_encoder(manifest, encoder, str(path))
-        index = None
-        if manifest.files["index"]["bytes"] > 0:
             try:
-                index = faiss.read_index(str(index_file))
-            except RuntimeError as err:
-                first = str(err).strip().splitlines()
-                raise CorruptIndexError(f"faiss could not read index file {index_file}: {first[-1] if first else err}") from None
-            _check_loaded(index, manifest, index_file)
-        elif manifest.kind not in IVF_KINDS:
-            raise CorruptIndexError(f"index file {index_file} is empty but kind {manifest.kind!r} always has one")
-        store = TextStore(store_file)
-        n_rows = store.count()
-        if n_rows != manifest.count:
-            store.close()
-            raise CorruptIndexError(f"store file {store_file} has {n_rows} rows but the manifest says {manifest.count}")
+                _check_encoder(manifest, encoder, str(path))
+            except SearchIndexError:
+                store.close()
+                raise
         self = cls(manifest, index, store, use_gpu=use_gpu)
         self.path = path
         if encoder is not None:
             self._encoder = encoder
         return self
 
-    def save(self, path: str | Path | None = None) -> Path:
-        """Write the index to a directory atomically: new generation, then the manifest by rename."""
+    def save(self, path: str | Path | None = None, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> Path:
+        """Write the index to a directory atomically (new generation, then the manifest by rename).
+
+        Holds the directory's writer lock (waiting up to lock_timeout seconds). Saving back to the
+        directory this index was loaded from, after another process saved there: with no unsaved
+        changes the index first reloads what is on disk; with some, IndexConflictError (they would
+        overwrite the other writer's rows). Use writer() to make changes that cannot conflict.
+        """
         target = Path(path) if path is not None else self.path
         if target is None:
             raise SearchIndexError("save() needs a path: this index was never saved or loaded")
         target.mkdir(parents=True, exist_ok=True)
+        with index_lock(target, lock_timeout):
+            self._catch_up(target)
+            self._write(target)
+        return target
+
+    @contextlib.contextmanager
+    def writer(self, timeout: float | None = DEFAULT_LOCK_TIMEOUT, command: str | None = None) -> Iterator[SearchIndex]:
+        """Be the one writer of this index's directory for the block; changes made in it are saved at its end.
+
+        Takes the directory's writer lock (waiting up to timeout seconds, then IndexLockedError naming
+        the holder), reloads the index if another process saved since it was loaded, so new ids
+        continue from the state on disk, yields, and saves if anything changed. If the block
+        raises, its changes are dropped (the index reloads from disk) and nothing is written.
+        command describes this writer to a waiting one (it is written into the lock file).
+        """
+        if self.path is None:
+            raise SearchIndexError("writer() needs an index loaded from or saved to a directory: call save(path) first")
+        path = self.path
+        with index_lock(path, timeout, command):
+            self._catch_up(path)
+            try:
+                yield self
+            except BaseException:
+                if self._dirty:
+                    self._discard_changes()
+                raise
+            if self._dirty:
+                self._write(path)
+
+    def _catch_up(self, target: Path) -> None:
+        """Under the writer lock: adopt what another process saved to target since we loaded, or refuse."""
+        if self.path is None or not _same_dir(target, self.path):
+            return  # a copy or replacement elsewhere, not an update of what we loaded
+        try:
+            on_disk = read_manifest(target).generation
+        except FileNotFoundError:
+            return  # nothing on disk to keep
+        if on_disk == self._manifest.generation:
+            return
+        if self._dirty:
+            raise IndexConflictError(
+                f"index {target} was saved by another process ({on_disk}) after this copy was loaded "
+                f"({self._manifest.generation or 'never saved'}); its unsaved changes were not written so as not to "
+                "erase the other writer's: load the index again and redo them, or change it inside SearchIndex.writer()"
+            )
+        self.reload()
+
+    def reload(self) -> None:
+        """Replace the in-memory index by the one on disk (the attached encoder stays; unsaved changes are lost)."""
+        if self.path is None:
+            raise SearchIndexError("reload() needs an index loaded from or saved to a directory")
+        manifest, index, store = _open_live(self.path, read_manifest(self.path), verify=True)
+        try:
+            if self._encoder is not None:
+                _check_encoder(manifest, self._encoder, str(self.path))
+        except SearchIndexError:
+            store.close()
+            raise
+        with self._lock.write():
+            old = self._store
+            self._manifest, self._index, self._store = manifest, index, store
+            self._set_tombstones(store.tombstones() if manifest.kind == "hnsw" else [])
+            self._gpu_dirty = True
+            self._dirty = False
+        old.close()
+
+    def _discard_changes(self) -> None:
+        """After a failed update: make memory mirror the disk again (best effort)."""
+        try:
+            self.reload()
+        except Exception as err:  # noqa: BLE001 - the caller's error matters more
+            log.warning("could not reload %s after a failed update: %s", self.path, err)
+
+    def _write(self, target: Path) -> None:
+        """Write a new generation into target and publish it; the caller holds target's writer lock."""
         # Readers may keep searching while we write; only writers (add/delete) must wait.
-        with self._save_lock, _dir_lock(target), self._lock.read():
+        with self._save_lock, self._lock.read():
             previous = _generation_number(target)
             staging = target / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             staging.mkdir()
@@ -389,8 +468,8 @@ class SearchIndex:
             write_json_atomic(target / MANIFEST_NAME, manifest.to_dict())
             self._manifest = manifest
             self.path = target
+            self._dirty = False
             _remove_stale(target, keep=generation)
-        return target
 
     # ----------------------------------------------------------------- encoder
 
@@ -402,6 +481,7 @@ class SearchIndex:
                     f"encoder {encoder.name_or_path} gives dimension {encoder.dim} but the index has dimension {self._manifest.dim}"
                 )
             self._manifest.model = _model_info(encoder)
+            self._dirty = True
         else:
             _check_encoder(self._manifest, encoder, str(self.path or "this index"))
         self._encoder = encoder
@@ -465,6 +545,7 @@ class SearchIndex:
             self._index = index
             self._manifest.params = resolved
             self._gpu_dirty = True
+            self._dirty = True
 
     def add_vectors(
         self,
@@ -496,6 +577,7 @@ class SearchIndex:
             self._manifest.count += len(texts)
             self._manifest.ntotal = int(self._index.ntotal)
             self._gpu_dirty = True
+            self._dirty = True
         return ids.tolist()
 
     def add(
@@ -542,6 +624,7 @@ class SearchIndex:
             self._manifest.count -= len(present)
             self._manifest.ntotal = int(self._index.ntotal)
             self._gpu_dirty = True
+            self._dirty = True
             return len(present)
 
     def _set_tombstones(self, ids: list[int]) -> None:
@@ -795,21 +878,81 @@ def _gpu_clustering(index: faiss.Index) -> None:
         log.warning("GPU clustering unavailable (%s); training on CPU", err)
 
 
+def _open_generation(path: Path, manifest: Manifest, verify: bool) -> tuple[faiss.Index | None, TextStore]:
+    """The faiss index and the store of the manifest's generation, checked against the manifest."""
+    gen = path / manifest.generation
+    index_file = gen / manifest.files["index"]["name"]
+    store_file = gen / manifest.files["store"]["name"]
+    check_file(index_file, manifest.files["index"], verify)
+    check_file(store_file, manifest.files["store"], verify)
+    index = None
+    if manifest.files["index"]["bytes"] > 0:
+        try:
+            index = faiss.read_index(str(index_file))
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()
+            raise CorruptIndexError(f"faiss could not read index file {index_file}: {first[-1] if first else err}") from None
+        _check_loaded(index, manifest, index_file)
+    elif manifest.kind not in IVF_KINDS:
+        raise CorruptIndexError(f"index file {index_file} is empty but kind {manifest.kind!r} always has one")
+    store = TextStore(store_file)
+    n_rows = store.count()
+    if n_rows != manifest.count:
+        store.close()
+        raise CorruptIndexError(f"store file {store_file} has {n_rows} rows but the manifest says {manifest.count}")
+    return index, store
+
+
+def _open_live(path: Path, manifest: Manifest, verify: bool) -> tuple[Manifest, faiss.Index | None, TextStore]:
+    """Open the live generation; retried when a writer published a newer one meanwhile."""
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            return (manifest, *_open_generation(path, manifest, verify))
+        except CorruptIndexError:
+            # Readers take no lock: between our reading the manifest and opening its files a
+            # writer may have published a new generation and swept this one. Only a manifest that
+            # still names the same generation means the files really are bad.
+            newer = read_manifest(path)
+            if newer.generation == manifest.generation or attempt == _OPEN_ATTEMPTS - 1:
+                raise
+            manifest = newer
+    raise AssertionError("unreachable")
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    """Whether two paths name the same directory."""
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 def _generation_number(target: Path) -> int:
     """The live generation's sequence number in target (0 when there is none or it is unreadable)."""
     try:
         name = json.loads((target / MANIFEST_NAME).read_text())["generation"]
-        return int(name.split("-")[1])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return 0
+    return int(name.split("-")[1]) if isinstance(name, str) and GENERATION_RE.fullmatch(name) else 0
+
+
+_MANIFEST_TEMP = re.compile(re.escape(f".{MANIFEST_NAME}.") + r".+\.tmp")
 
 
 def _remove_stale(target: Path, keep: str) -> None:
-    """Delete superseded generations and staging dirs of dead processes (best effort)."""
+    """Delete superseded generations, staging dirs of dead processes and orphan manifest temp files (best effort).
+
+    Runs under the writer lock, after the new manifest is in place.
+    """
     for child in target.iterdir():
-        if child.name == keep or not child.is_dir():
+        if child.name == keep:
             continue
-        if child.name.startswith("gen-"):
+        if _MANIFEST_TEMP.fullmatch(child.name) and child.is_file():
+            # Only the lock holder writes the manifest: any other temp file is a killed writer's.
+            child.unlink(missing_ok=True)
+        elif not child.is_dir():
+            continue
+        elif child.name.startswith("gen-"):
             shutil.rmtree(child, ignore_errors=True)
         elif child.name.startswith(".staging-"):
             try:
@@ -819,20 +962,3 @@ def _remove_stale(target: Path, keep: str) -> None:
                 shutil.rmtree(child, ignore_errors=True)
             except PermissionError:
                 pass
-
-
-@contextlib.contextmanager
-def _dir_lock(target: Path) -> Iterator[None]:
-    """An exclusive advisory lock on target/.lock, so two processes never save at once."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock
-        yield
-        return
-    with open(target / ".lock", "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,10 @@ MANIFEST_NAME = "manifest.json"
 INDEX_FILE = "index.faiss"
 STORE_FILE = "store.sqlite"
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+# The names save() writes. The manifest is data from disk: anything else (`../..`, `/etc`, `a/b`)
+# would make load() read outside the index folder, so it is refused, never followed.
+GENERATION_RE = re.compile(r"gen-\d{6,}-[0-9a-f]{8}")
+FILE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass
@@ -72,12 +77,28 @@ class Manifest:
             raise IndexFormatError(f"{source}: field 'dim' must be positive, got {data['dim']}")
         if data.get("model") is not None and not isinstance(data["model"], dict):
             raise IndexFormatError(f"{source}: field 'model' must be an object or null")
+        if not GENERATION_RE.fullmatch(data["generation"]):
+            raise IndexFormatError(
+                f"{source}: field 'generation' is {_short(data['generation'])}, not a generation folder name "
+                "like 'gen-000001-1a2b3c4d' (refused: it could point outside the index folder)"
+            )
         for key in ("index", "store"):
             entry = data["files"].get(key)
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("bytes"), int):
                 raise IndexFormatError(f"{source}: field 'files.{key}' is missing or lacks name/bytes")
+            if not FILE_NAME_RE.fullmatch(entry["name"]):
+                raise IndexFormatError(
+                    f"{source}: field 'files.{key}.name' is {_short(entry['name'])}, not a plain file name "
+                    "(refused: it could point outside the generation folder)"
+                )
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _short(value: str) -> str:
+    """A crafted value for an error message: repr'd, and cut so the message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_manifest(index_dir: str | Path) -> Manifest:

@@ -3,31 +3,64 @@
 Sync endpoints run in FastAPI's thread pool, so searches proceed in parallel under the index's
 shared lock while add/delete take it exclusively. Encoding is serialised by its own mutex: torch
 already spreads one forward pass over the cores, and the encoder is not documented as thread-safe.
+
+Safety: writes need the API key (none configured: the server is read-only); the Host header must
+name this server (DNS rebinding); bodies are cut off at the limit while they stream in; a request
+the models refuse is a 422 whatever it holds (NaN, lone surrogates, huge ids), never a 500; and
+with persist='add' each write holds the index directory's writer lock, so a CLI `index add` and
+the server never overwrite each other's rows.
 """
 
 # No `from __future__ import annotations`: FastAPI must resolve the request models, which are
 # defined inside create_app (their limits are per-app), from real annotations, not strings.
+import contextlib
+import hmac
+import ipaddress
+import json
 import logging
+import math
+import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from starlette.datastructures import Headers, State
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from diffcse.search.errors import SearchIndexError
-from diffcse.search.index import SearchIndex
+from diffcse.search.errors import (
+    CorruptIndexError,
+    IndexConflictError,
+    IndexFormatError,
+    IndexLockedError,
+    IndexMismatchError,
+    SearchIndexError,
+)
+from diffcse.search.index import DEFAULT_LOCK_TIMEOUT, SearchIndex
 
 if TYPE_CHECKING:
     from diffcse.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
 PERSIST_MODES = ("add", "shutdown", "never")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+# The largest id a request may name: 2^53 - 1, the largest integer every JSON parser reads exactly
+# (RFC 7493); ids are SQLite INTEGERs (< 2^63, the 500 this bound prevents) and are given from 0 up.
+MAX_ID = 2**53 - 1
+API_KEY_ENV = "DIFFCSE_API_KEY"
+READ_ONLY_HINT = (
+    f"this server is read-only: start it with --api-key KEY (or set {API_KEY_ENV}) to enable /add and /delete"
+)
 
 
 @dataclass(frozen=True)
@@ -40,11 +73,178 @@ class ServiceLimits:
     max_body_bytes: int = 4 * 1024 * 1024
 
 
-def _not_blank(text: str) -> str:
-    """Reject empty / whitespace-only texts (an empty query has no meaning)."""
+def _check_text(text: str) -> str:
+    """Reject empty / whitespace-only texts and texts that are not valid Unicode (lone surrogates)."""
     if not text.strip():
         raise ValueError("text is empty or whitespace only")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text is not valid Unicode: lone surrogate at character {err.start}") from None
     return text
+
+
+def _integral(value: Any) -> Any:
+    """5.0 -> 5: JSON Schema counts a number with no fraction as an integer, so the server must too."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_ID:
+        return int(value)
+    return value
+
+
+def _bounded_int(lo: int, hi: int) -> Any:
+    """An int field in [lo, hi] that also takes 5.0 (the bounds first, so the schema states them)."""
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_integral)]
+
+
+def _check_metadata(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Metadata must round-trip as strict JSON in UTF-8 (no NaN/Infinity, no lone surrogates)."""
+    if meta is not None:
+        try:
+            json.dumps(meta, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        except (ValueError, TypeError) as err:
+            reason = "holds a lone surrogate" if isinstance(err, UnicodeEncodeError) else "holds NaN or Infinity"
+            raise ValueError(f"metadata {reason}, which strict JSON cannot store") from None
+    return meta
+
+
+def json_safe(value: Any) -> Any:
+    """value with everything strict UTF-8 JSON cannot hold made printable (NaN -> 'nan', '\\ud800' escaped)."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {json_safe(str(k)): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return json_safe(str(value))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding host keeps the server on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warnings(host: str, api_key: str | None) -> list[str]:
+    """What a user binding host should be told at startup (nothing on loopback)."""
+    if is_loopback(host):
+        return []
+    if api_key is None:
+        return [
+            f"serving on {host}, reachable beyond this machine, with no API key: the server is read-only "
+            f"(/add and /delete answer 403); pass --api-key or set {API_KEY_ENV} to allow writes"
+        ]
+    return [
+        f"serving on {host}, reachable beyond this machine, over plain HTTP: the API key and every text "
+        "cross the network unencrypted; put a TLS-terminating proxy in front"
+    ]
+
+
+def allowed_host_names(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """Host header values accepted: the loopback names, the bound host, and extra (e.g. a public name)."""
+    names = list(LOOPBACK_HOSTS) + [host] + list(extra)
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            names.append(f"[{host}]")  # Host headers bracket IPv6 literals
+    except ValueError:
+        pass
+    out = list(dict.fromkeys(n.lower() for n in names if n))
+    for name in out:
+        if "*" in name[1:] or (name.startswith("*") and name != "*" and not name.startswith("*.")):
+            raise ValueError(f"--allowed-host {name!r}: a wildcard must be '*' or lead a domain, like '*.example.com'")
+    return out
+
+
+# Closing the connection stops the upload: otherwise the server drains the rest of the body to keep
+# the connection alive (a 100 MB upload read to the end, only to be thrown away).
+_CLOSE = {"Connection": "close"}
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from receive() as soon as a streamed body passes the limit (FastAPI re-raises it as the 413)."""
+
+
+class BodyLimitMiddleware:
+    """Answer 413 once a request body passes max_bytes, counting bytes as they arrive.
+
+    Content-Length over the limit is refused before anything is read; a chunked body is cut off as
+    soon as the count passes the limit, without reading the rest. state.max_body_pulled records the
+    most body bytes ever pulled for one request (what a client could make the server hold).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, state: State) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.state = state
+        self.state.max_body_pulled = 0
+
+    def _refusal(self, what: str) -> JSONResponse:
+        return JSONResponse(status_code=413, content={"detail": f"request body {what}; the limit is {self.max_bytes} bytes"},
+                            headers=_CLOSE)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refusal(f"is {length} bytes")(scope, receive, send)
+            return
+        pulled = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal pulled
+            message = await receive()
+            if message["type"] == "http.request":
+                pulled += len(message.get("body", b""))
+                self.state.max_body_pulled = max(self.state.max_body_pulled, pulled)
+                if pulled > self.max_bytes:
+                    raise _BodyTooLarge(413, f"request body passed {self.max_bytes} bytes; the limit is {self.max_bytes} bytes",
+                                        headers=_CLOSE)
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except _BodyTooLarge:
+            # Read outside FastAPI's body parsing (which turns it into the 413 itself).
+            if started:
+                raise
+            await self._refusal(f"passed {self.max_bytes} bytes")(scope, receive, send)
+
+
+class RequestCounter:
+    """Count requests per known route (one bucket for all other paths, so the counter stays small)."""
+
+    def __init__(self, app: ASGIApp, counters: Counter, known: set[str]) -> None:
+        self.app = app
+        self.counters = counters
+        self.known = known
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            self.counters[path if path in self.known else "other"] += 1
+        await self.app(scope, receive, send)
+
+
+class Error(BaseModel):
+    """An error: what went wrong, in one line."""
+
+    detail: str
 
 
 class Hit(BaseModel):
@@ -100,27 +300,82 @@ class Health(BaseModel):
     dim: int
 
 
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses an endpoint can answer."""
+    what = {
+        400: "bad Host header (not this server), or a request the index refuses",
+        401: "missing or wrong API key",
+        403: "the server is read-only (started without an API key)",
+        409: "the index changed under this write (retry)",
+        413: "request body over the size limit",
+        503: "another process holds the index's writer lock (retry later), or the index on disk changed so "
+             "that this server cannot write it (rebuilt with another model, damaged)",
+    }
+    out: dict[int | str, dict[str, Any]] = {code: {"model": Error, "description": what[code]} for code in codes}
+    if 400 in out:
+        # The Host check (Starlette's TrustedHostMiddleware) answers in plain text.
+        out[400]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    return out
+
+
+READ_ERRORS = _responses(400, 413)
+WRITE_ERRORS = _responses(400, 401, 403, 409, 413, 503)
+
+
+def _model_label(name_or_path: str | None) -> str | None:
+    """The model as /stats shows it: its folder's name, or the packaged model's name; never a path."""
+    if not name_or_path:
+        return name_or_path
+    from diffcse.core.folder import model_name
+
+    return model_name(name_or_path)
+
+
 def create_app(
     index: SearchIndex,
     encoder: "Encoder | None" = None,
     limits: ServiceLimits | None = None,
     persist: str = "add",
+    *,
+    api_key: str | None = None,
+    host: str = "127.0.0.1",
+    allowed_hosts: Sequence[str] = (),
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> FastAPI:
-    """A FastAPI app serving index; persist='add' saves after every add/delete (needs index.path)."""
+    """A FastAPI app serving index.
+
+    persist: 'add' saves every add/delete before answering, under the index directory's writer
+    lock (waiting up to lock_timeout s; 503 after); 'shutdown' holds that lock for the app's life
+    and saves on exit; 'never' keeps writes in memory. api_key: what /add and /delete need (None:
+    read-only). host and allowed_hosts: the Host header values accepted besides loopback names.
+    """
     limits = limits or ServiceLimits()
     if persist not in PERSIST_MODES:
         raise ValueError(f"persist must be one of {', '.join(PERSIST_MODES)}, got {persist!r}")
+    if api_key is not None and not api_key.strip():
+        api_key = None
     if encoder is not None:
         index.attach_encoder(encoder)
     enc = index.encoder
     if persist != "never" and index.path is None:
         raise ValueError(f"persist={persist!r} needs an index that was loaded from or saved to a directory")
+    hosts = allowed_host_names(host, allowed_hosts)
     encode_lock = threading.Lock()
     counters: Counter[str] = Counter()
     started = time.time()
+    key_bytes = api_key.encode("utf-8", "surrogateescape") if api_key is not None else None
+    index_dir = index.path
+    model = (index.manifest.model or {}).get("name_or_path")
+    model_label = _model_label(model)
+    writer_name = f"diffcse serve (pid {os.getpid()}, {host})"
 
-    Text = Annotated[str, StringConstraints(max_length=limits.max_text_chars), AfterValidator(_not_blank)]
+    max_len = limits.max_text_chars
+    # The schema states what the validator enforces (pattern \S = not blank), so that a request
+    # valid by the OpenAPI document is one the server accepts.
+    Text = Annotated[str, Field(max_length=max_len, json_schema_extra={"pattern": r"\S"}), AfterValidator(_check_text)]
     Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_batch)]
+    Meta = Annotated[dict[str, Any] | None, AfterValidator(_check_metadata)]
+    Id = _bounded_int(0, MAX_ID)
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
@@ -131,10 +386,10 @@ def create_app(
 
     class SearchRequest(Strict):
         queries: Texts
-        top_k: int = Field(10, ge=1, le=limits.max_top_k)
-        threshold: float | None = Field(None, ge=-1.0, le=1.0)
-        nprobe: int | None = Field(None, ge=1, le=1 << 20)
-        ef_search: int | None = Field(None, ge=1, le=1 << 20)
+        top_k: _bounded_int(1, limits.max_top_k) = 10
+        threshold: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] | None = None
+        nprobe: _bounded_int(1, 1 << 20) | None = None
+        ef_search: _bounded_int(1, 1 << 20) | None = None
 
     class SimilarityRequest(Strict):
         a: Texts
@@ -142,75 +397,141 @@ def create_app(
 
     class AddRequest(Strict):
         texts: Texts
-        metadata: list[dict[str, Any] | None] | None = None
+        metadata: list[Meta] | None = Field(
+            None, max_length=limits.max_batch, description="one object (or null) per text, in the same order"
+        )
+
+        @model_validator(mode="after")
+        def _same_length(self) -> "AddRequest":
+            if self.metadata is not None and len(self.metadata) != len(self.texts):
+                raise ValueError(f"metadata has {len(self.metadata)} entries for {len(self.texts)} texts")
+            return self
 
     class DeleteRequest(Strict):
-        ids: Annotated[list[int], Field(min_length=1, max_length=limits.max_batch * 16)]
+        ids: Annotated[list[Id], Field(min_length=1, max_length=limits.max_batch * 16)]
+
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (the server's --api-key)")
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's --api-key")
+
+    def require_key(
+        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        header: Annotated[str | None, Depends(key_header)],
+    ) -> None:
+        if key_bytes is None:
+            raise HTTPException(status_code=403, detail=READ_ONLY_HINT)
+        given = [c for c in (cred.credentials if cred else None, header) if c is not None]
+        # Both candidates are always compared, so the time taken does not tell which one was sent.
+        ok = [hmac.compare_digest(c.encode("utf-8", "surrogateescape"), key_bytes) for c in given]
+        if not any(ok):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def encode(texts: list[str]) -> np.ndarray:
         with encode_lock:
             return enc.encode(texts, normalize=True)
 
-    def save_if(mode: str) -> bool:
-        if persist != mode:
-            return False
-        index.save()
-        return True
+    @contextlib.contextmanager
+    def writing(what: str):
+        """Where a write goes: under the directory's writer lock and saved (add), or memory only."""
+        if persist == "add":
+            with index.writer(timeout=lock_timeout, command=f"{writer_name} {what}"):
+                yield True
+        else:
+            yield False
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
-        if persist == "shutdown":
+        if persist != "shutdown":
+            yield
+            return
+        # The whole life: a CLI writer waits (and fails clearly) instead of being overwritten at exit.
+        with index.writer(timeout=lock_timeout, command=f"{writer_name} --persist shutdown"):
+            yield
             log.info("saving index to %s", index.path)
-            index.save()
 
     app = FastAPI(
         title="diffcse search",
-        description="Sentence-embedding search over a diffcse index (cosine similarity).",
+        description=(
+            "Sentence-embedding search over a diffcse index (cosine similarity). /add and /delete need the "
+            "server's API key (Authorization: Bearer KEY or X-API-Key); without one the server is read-only."
+        ),
         lifespan=lifespan,
     )
     app.state.index = index
     app.state.limits = limits
+    app.state.allowed_hosts = hosts
+    # Added innermost first: the Host check runs before anything else, then the body limit.
+    known_paths: set[str] = set()  # filled once the routes exist (the middleware stack is built later)
+    app.add_middleware(RequestCounter, counters=counters, known=known_paths)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, state=app.state)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        counters[request.url.path] += 1
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return JSONResponse(
-                status_code=413,
-                content={"detail": f"request body is {length} bytes; the limit is {limits.max_body_bytes}"},
-            )
-        return await call_next(request)
+    def _public(message: str) -> str:
+        """An index error for a client: the index folder by name, never its absolute path."""
+        if index_dir is not None:
+            for form in {str(index_dir.resolve()), str(index_dir)}:
+                message = message.replace(form, index_dir.name)
+        return message
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        # The default handler echoes the input, and NaN or a lone surrogate in it cannot be
+        # written as JSON: that turned a bad request into a 500.
+        errors = [{k: v for k, v in e.items() if k != "url"} for e in err.errors()]
+        return JSONResponse(status_code=422, content={"detail": json_safe(errors)})
+
+    @app.exception_handler(IndexLockedError)
+    async def locked(request: Request, err: IndexLockedError) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": _public(str(err))}, headers={"Retry-After": "5"})
+
+    @app.exception_handler(CorruptIndexError)
+    @app.exception_handler(IndexFormatError)
+    @app.exception_handler(IndexMismatchError)
+    async def unusable_on_disk(request: Request, err: SearchIndexError) -> JSONResponse:
+        # Only a write's catch-up with the disk meets these (requests cannot cause them): the
+        # server's fault, not the client's.
+        return JSONResponse(status_code=503, content={"detail": _public(str(err))})
+
+    @app.exception_handler(IndexConflictError)
+    async def conflict(request: Request, err: IndexConflictError) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": _public(str(err))})
 
     @app.exception_handler(SearchIndexError)
     async def index_error(request: Request, err: SearchIndexError) -> JSONResponse:
-        return JSONResponse(status_code=400, content={"detail": str(err)})
+        return JSONResponse(status_code=400, content={"detail": _public(str(err))})
 
-    @app.get("/health", response_model=Health)
+    @app.get("/health", response_model=Health, responses=_responses(400))
     def health() -> Health:
         """Liveness and the index's size."""
         return Health(status="ok", count=len(index), kind=index.kind, dim=index.dim)
 
-    @app.get("/stats")
+    @app.get("/stats", responses=_responses(400))
     def stats() -> dict:
-        """Index facts, limits, request counts and uptime."""
+        """Index facts, limits, request counts and uptime (the index and model by name, never by path)."""
+        facts = index.stats()
+        facts["path"] = index_dir.name if index_dir is not None else None
+        if facts.get("model"):
+            facts["model"]["name_or_path"] = model_label
         return {
-            **index.stats(),
+            **facts,
             "limits": asdict(limits),
             "persist": persist,
+            "writes": "enabled (API key)" if key_bytes is not None else "disabled (read-only: no API key)",
             "requests": dict(counters),
             "uptime_s": round(time.time() - started, 1),
         }
 
-    @app.post("/encode", response_model=EncodeResponse)
+    @app.post("/encode", response_model=EncodeResponse, responses=READ_ERRORS)
     def encode_texts(req: EncodeRequest) -> EncodeResponse:
         """Sentence vectors (L2-normalised unless normalize=false)."""
         with encode_lock:
             vecs = enc.encode(req.texts, normalize=req.normalize)
         return EncodeResponse(dim=int(vecs.shape[1]), embeddings=vecs.tolist())
 
-    @app.post("/search", response_model=SearchResponse)
+    @app.post("/search", response_model=SearchResponse, responses=READ_ERRORS)
     def search(req: SearchRequest) -> SearchResponse:
         """Top-k stored texts per query, each with score >= threshold when one is given."""
         hits = index.search_vectors(
@@ -218,25 +539,29 @@ def create_app(
         )
         return SearchResponse(results=[[Hit(**h._asdict()) for h in row] for row in hits])
 
-    @app.post("/similarity", response_model=SimilarityResponse)
+    @app.post("/similarity", response_model=SimilarityResponse, responses=READ_ERRORS)
     def similarity(req: SimilarityRequest) -> SimilarityResponse:
         """Cosine similarity matrix between two lists of texts."""
         both = encode(req.a + req.b)
         a, b = both[: len(req.a)], both[len(req.a) :]
         return SimilarityResponse(scores=(a @ b.T).tolist())
 
-    @app.post("/add", response_model=AddResponse)
+    @app.post("/add", response_model=AddResponse, responses=WRITE_ERRORS, dependencies=[Depends(require_key)])
     def add(req: AddRequest) -> AddResponse:
-        """Encode and add texts (with optional metadata); saved before answering when persist='add'."""
-        if req.metadata is not None and len(req.metadata) != len(req.texts):
-            raise SearchIndexError(f"metadata has {len(req.metadata)} entries for {len(req.texts)} texts")
-        ids = index.add_vectors(encode(req.texts), req.texts, req.metadata)
-        return AddResponse(ids=ids, count=len(index), saved=save_if("add"))
+        """Encode and add texts (with optional metadata); on disk before answering when persist='add'."""
+        vecs = encode(req.texts)  # outside the writer lock: encoding is the slow part
+        with writing("/add") as saved:
+            ids = index.add_vectors(vecs, req.texts, req.metadata)
+            count = len(index)
+        return AddResponse(ids=ids, count=count, saved=saved)
 
-    @app.post("/delete", response_model=DeleteResponse)
+    @app.post("/delete", response_model=DeleteResponse, responses=WRITE_ERRORS, dependencies=[Depends(require_key)])
     def delete(req: DeleteRequest) -> DeleteResponse:
         """Remove items by id; unknown ids are ignored."""
-        n = index.delete(req.ids)
-        return DeleteResponse(deleted=n, count=len(index), saved=save_if("add") if n else False)
+        with writing("/delete") as saved:
+            n = index.delete(req.ids)
+            count = len(index)
+        return DeleteResponse(deleted=n, count=count, saved=saved and n > 0)
 
+    known_paths.update(p for p in (getattr(r, "path", None) for r in app.routes) if p)
     return app
