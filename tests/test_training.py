@@ -16,12 +16,12 @@ from test_infonce import naive_infonce
 
 from diffcse.cli import build_parser
 from diffcse.cli import main as cli_main
+from diffcse.core.errors import InputError
 from diffcse.core.modeling import HEADS as MODEL_HEADS
 from diffcse.core.modeling import BatchNormProjection, MLPHead, SentenceEncoder
 from diffcse.core.options import from_args
 from diffcse.training.config import HEADS, TrainConfig, load_config
 from diffcse.training.data import (
-    InputError,
     ViewCollator,
     read_sentences,
     read_triples,

@@ -171,6 +171,42 @@ def iter_lines(
                 yield Line(lineno, text, replaced)
 
 
+def read_csv_columns(
+    path: str | os.PathLike[str],
+    required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    what: str = "input file",
+    encoding_errors: str = "strict",
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """Rows of a CSV with a header: the required columns and those optional ones present (in that order).
+
+    Every field must be non-empty; errors name the file and line (quoted fields may span lines).
+    """
+    import csv
+    import io
+
+    path = check_input_file(path, what)
+    text = "".join(
+        decode_line(raw, path, lineno, encoding_errors)[0]
+        for lineno, raw in enumerate(path.read_bytes().splitlines(keepends=True), start=1)
+    )
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    need = ",".join(required) + "".join(f"[,{c}]" for c in optional)
+    for column in required:
+        if column not in header:
+            raise InputError(f"{path}: header {header} lacks the column {column!r} (need {need})")
+    columns = (*required, *(c for c in optional if c in header))
+    rows: list[tuple[str, ...]] = []
+    for row in reader:
+        values = tuple((row.get(c) or "").strip() for c in columns)
+        for column, value in zip(columns, values, strict=True):
+            if not value:
+                raise InputError(f"{path}:{reader.line_num}: empty field {column!r}")
+        rows.append(values)
+    return columns, rows
+
+
 def data_root() -> Path:
     """The data root: $DIFFCSE_DATA_DIR, else the checkout's data/ folder."""
     env = os.environ.get("DIFFCSE_DATA_DIR")

@@ -150,8 +150,30 @@ class ServeConfig(ModelOptions):
     log_level: str = opt("info", "uvicorn log level", choices=("critical", "error", "warning", "info", "debug", "trace"))
 
 
+@dataclass(kw_only=True)
+class MineConfig(ModelOptions):
+    """Options of `diffcse mine`."""
+
+    pairs: str = opt(help="CSV with a header naming sent0 (anchor) and sent1 (positive)")
+    output: str = opt(help="the sent0,sent1,hard_neg CSV to write (atomically), as sup-simcse reads it")
+    corpus: str | None = opt(None, "texts to mine from, one per line (.txt) or JSON lines (.jsonl)")
+    index_dir: str | None = opt(None, "or an existing diffcse index to mine from (its model encodes the pairs)")
+    skip_top: int = opt(10, "skip the top N candidates of each anchor (too often paraphrases)", min=0)
+    depth: int = opt(50, "look at candidates up to this rank", min=1)
+    margin: float = opt(0.95, "drop candidates scoring above MARGIN x the positive's score (likely false "
+                        "negatives)", min=0.0)
+    encoding_errors: str = opt("strict", "invalid UTF-8 in the inputs: an error, or replaced", choices=ENCODING_ERRORS)
+
+    def validate(self) -> None:
+        """One source of candidates, and a window that holds some."""
+        if (self.corpus is None) == (self.index_dir is None):
+            raise InputError("give exactly one of --corpus and --index-dir")
+        if self.skip_top >= self.depth:
+            raise InputError(f"--skip-top {self.skip_top} must be below --depth {self.depth}")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `encode`, `index`, `search` and `serve` to the diffcse parser."""
+    """Add `encode`, `index`, `search`, `serve` and `mine` to the diffcse parser."""
     add_command(subparsers, "encode", EncodeConfig, run_encode, help="encode a text file (one sentence a line) to .npy")
     p_index = subparsers.add_parser("index", help="build or change a search index (faiss + SQLite)")
     sub = p_index.add_subparsers(dest="index_command", required=True)
@@ -161,6 +183,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_command(sub, "info", InfoConfig, run_info, help="print an index's manifest facts as JSON")
     add_command(subparsers, "search", SearchConfig, run_search, help="query an index with one or more sentences")
     add_command(subparsers, "serve", ServeConfig, run_serve, help="serve an index over HTTP (OpenAPI docs at /docs)")
+    add_command(subparsers, "mine", MineConfig, run_mine,
+                help="mine hard negatives for (anchor, positive) pairs into a sup-simcse CSV")
 
 
 def _setup(cfg: RuntimeOptions) -> str:
@@ -424,4 +448,32 @@ def run_serve(cfg: ServeConfig) -> int:
             uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, workers=1)
     finally:
         index.close()
+    return 0
+
+
+def run_mine(cfg: MineConfig) -> int:
+    """Entry point of `diffcse mine`: search each anchor, keep the first candidate past the window and the margin."""
+    from diffcse.search.index import SearchIndex, check_index_dir
+    from diffcse.search.manifest import read_manifest
+    from diffcse.search.mine import mine, read_pairs, stats_dict, write_triples
+
+    device = _setup(cfg)
+    pairs = read_pairs(cfg.pairs, cfg.encoding_errors)
+    if cfg.index_dir is not None:
+        check_index_dir(cfg.index_dir)
+        encoder = _load_encoder(cfg, device, read_manifest(cfg.index_dir), cfg.index_dir)
+        index = SearchIndex.load(cfg.index_dir, encoder=encoder)
+    else:
+        encoder = _load_encoder(cfg, device)
+        texts = [t for t, _ in iter_input(cfg.corpus, cfg.encoding_errors)]
+        if not texts:
+            raise InputError(f"corpus {cfg.corpus} has no texts")
+        index = SearchIndex.build(encoder, texts, batch_size=cfg.batch_size)
+    rows, stats = mine(encoder, index, pairs, cfg.skip_top, cfg.depth, cfg.margin, cfg.batch_size)
+    index.close()
+    if not rows:
+        raise InputError(f"no pair of {cfg.pairs} got a hard negative ({stats_dict(stats)}); "
+                         "lower --skip-top, raise --depth or --margin")
+    write_triples(cfg.output, rows)
+    print(f"wrote {len(rows)} triples to {cfg.output}: " + ", ".join(f"{k} {v}" for k, v in stats_dict(stats).items()))
     return 0

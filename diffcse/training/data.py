@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from diffcse.core.errors import InputError
-from diffcse.core.io import check_input_file, decode_line, iter_lines
+from diffcse.core.io import iter_lines, read_csv_columns
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +48,7 @@ def read_sentences(path: str | Path, encoding_errors: str = "strict", what: str 
 
 def read_triples(path: str | Path, encoding_errors: str = "strict") -> list[tuple[str, ...]]:
     """Read a supervised CSV with a header naming sent0, sent1 and (optionally) hard_neg."""
-    path = check_input_file(path, "training file")
-    text_lines = [
-        decode_line(line, path, lineno, encoding_errors)[0]
-        for lineno, line in enumerate(path.read_bytes().splitlines(keepends=True), start=1)
-    ]
-    reader = csv.DictReader(io.StringIO("".join(text_lines)))
-    header = reader.fieldnames or []
-    for column in SUPERVISED_COLUMNS[:2]:
-        if column not in header:
-            raise InputError(f"{path}: header {header} lacks the column {column!r} (need sent0,sent1[,hard_neg])")
-    columns = [c for c in SUPERVISED_COLUMNS if c in header]
-    rows: list[tuple[str, ...]] = []
-    for row in reader:
-        values = tuple((row.get(c) or "").strip() for c in columns)
-        for column, value in zip(columns, values, strict=True):
-            if not value:
-                raise InputError(f"{path}:{reader.line_num}: empty field {column!r}")
-        rows.append(values)
-    return rows
+    return read_csv_columns(path, SUPERVISED_COLUMNS[:2], SUPERVISED_COLUMNS[2:], "training file", encoding_errors)[1]
 
 
 class TokenizedViews(Dataset):
