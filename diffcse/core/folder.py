@@ -237,7 +237,7 @@ def export_model(encoder: object, tokenizer: object, out_dir: str | Path, max_se
         encoder.backbone.save_pretrained(hf_dir)
         tokenizer.save_pretrained(hf_dir)
         head_at_inference = encoder.head is not None and not encoder.mlp_only_train
-        meta = {"pooler": encoder.pooler, "max_seq_length": max_seq_length, "head_at_inference": head_at_inference}
+        meta = inference_meta(encoder.pooler, max_seq_length, head_at_inference)
         if encoder.pooler in ST_POOLING and (not head_at_inference or isinstance(encoder.head, MLPHead)):
             _save_sentence_transformer(encoder, hf_dir, tmp / "st", max_seq_length, head_at_inference)
             final = tmp / "st"
@@ -253,6 +253,31 @@ def export_model(encoder: object, tokenizer: object, out_dir: str | Path, max_se
             # A folder without ST modules must not keep an older export's modules.json.
             (out_dir / "modules.json").unlink(missing_ok=True)
         _replace_contents(final, out_dir)
+        fsync_dir(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def inference_meta(pooler: str, max_seq_length: int, head_at_inference: bool) -> dict:
+    """The pooling meta file of an export: in training 'cls' is the [CLS] state, at inference that is cls_before_pooler."""
+    if pooler == "cls" and not head_at_inference:
+        pooler = "cls_before_pooler"
+    return {"pooler": pooler, "max_seq_length": max_seq_length, "head_at_inference": head_at_inference}
+
+
+def export_masked_lm(mlm: object, tokenizer: object, out_dir: str | Path, pooler: str, max_seq_length: int) -> Path:
+    """Write a masked LM (head included) into out_dir atomically: loads as `mlm:PATH`, AutoModel and Encoder."""
+    check_finite_weights(mlm, "export")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        mlm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / DIFFCSE_META, inference_meta(pooler, max_seq_length, False))
+        (out_dir / "modules.json").unlink(missing_ok=True)  # not a sentence-transformers folder any more
+        _replace_contents(tmp, out_dir)
         fsync_dir(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

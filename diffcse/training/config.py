@@ -17,7 +17,7 @@ from diffcse.core.io import write_text_atomic
 from diffcse.core.options import opt, read_yaml
 from diffcse.core.runtime import PRECISIONS
 
-OBJECTIVES = ("simcse", "sup-simcse", "diffcse")
+OBJECTIVES = ("simcse", "sup-simcse", "diffcse", "mlm")
 # Training heads (diffcse.core.modeling.HEADS) plus "auto": the objective's recipe.
 HEADS = ("auto", "none", "mlp", "batchnorm")
 POOLER_CHOICES = ("auto", "cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
@@ -31,6 +31,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "sup-simcse": {"head": "mlp", "learning_rate": 5e-5, "num_epochs": 3.0, "batch_size": 512},
     "diffcse": {"head": "batchnorm", "learning_rate": 7e-6, "num_epochs": 2.0, "batch_size": 64,
                 "mask_ratio": 0.30, "lambda_weight": 0.005},
+    # Continued masked-LM training (BERT's own recipe, as for domain adaptation); no head, no negatives.
+    "mlm": {"head": "none", "learning_rate": 5e-5, "num_epochs": 1.0, "batch_size": 64},
 }
 
 
@@ -115,6 +117,10 @@ class TrainConfig:
     discriminator_input: str = opt("projected", "what conditions the discriminator: the head's output or "
                                    "the pooled vector", choices=("projected", "pooled"))
     rtd_count_padding: bool = opt(False, "average L_RTD over padding too, as the reference does")
+    # Masked-LM (objective: mlm) and SimCSE's auxiliary MLM loss.
+    mlm_weight: float = opt(0.0, "simcse/sup-simcse/diffcse: add mlm_weight x an MLM loss on the first view "
+                            "(SimCSE's do_mlm; its value 0.1)", min=0.0)
+    mlm_probability: float = opt(0.15, "share of tokens the masked-LM collator masks (objective mlm, mlm_weight)")
 
     def validate(self) -> None:
         """Reject impossible settings, naming the field; fill unset fields from the objective's recipe.
@@ -176,6 +182,12 @@ class TrainConfig:
             raise InputError("corpus_loading: disk reads one sentence per line; sup-simcse's CSV is read into memory")
         if self.grad_cache_chunk is not None and self.precision == "fp16":
             raise InputError("grad_cache_chunk: gradient caching runs in fp32 or bf16, not fp16 (its loss scaling)")
+        if not 0 < self.mlm_probability < 1:
+            raise InputError(f"mlm_probability: must be in (0, 1), got {self.mlm_probability}")
+        if self.objective == "mlm" and self.mlm_weight:
+            raise InputError("mlm_weight: adds an MLM term to a contrastive objective; objective mlm is all MLM")
+        if self.grad_cache_chunk is not None and (self.objective == "mlm" or self.mlm_weight):
+            raise InputError("grad_cache_chunk: gradient caching applies to the contrastive objectives without mlm_weight")
         if self.objective == "sup-simcse" and self.train_file is None:
             raise InputError("train_file: supervised SimCSE needs a CSV with sent0,sent1[,hard_neg]")
 

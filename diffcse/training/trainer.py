@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from diffcse.core.encoder import encode_tokenized
 from diffcse.core.errors import InputError
 from diffcse.core.folder import (
+    export_masked_lm,
     export_model,
     load_tokenizer,
     model_name,
@@ -43,6 +44,12 @@ from diffcse.training.gradcache import all_reduce_gradients, cached_step
 from diffcse.training.guard import GuardedAdamW, NonFiniteGuard, TrainingDiverged
 from diffcse.training.objectives.contrastive import ContrastiveModel
 from diffcse.training.objectives.infonce import InfoNCE
+from diffcse.training.objectives.mlm import (
+    AuxiliaryMLM,
+    MaskedLMModel,
+    load_masked_lm,
+    mlm_masker,
+)
 from diffcse.training.sampling import DistinctBatchSampler, LineCorpus, ids_key
 
 log = logging.getLogger(__name__)
@@ -56,15 +63,24 @@ def training_pooler(config: TrainConfig, model_path: str) -> str:
     return "cls" if pooler == "cls_before_pooler" else pooler
 
 
-def build_model(config: TrainConfig, model_path: str, tokenizer: object) -> ContrastiveModel:
+def build_model(config: TrainConfig, model_path: str, tokenizer: object) -> torch.nn.Module:
     """The training module for the configured objective."""
-    encoder = SentenceEncoder.from_pretrained(
-        model_path,
-        pooler=training_pooler(config, model_path),
-        head=config.head,
-        mlp_only_train=config.mlp_only_train,
-    )
+    mlm = None
+    if config.objective == "mlm" or config.mlm_weight:
+        # The encoder is the masked LM's own transformer, so the MLM term trains the same weights.
+        mlm = load_masked_lm(model_path)
+        encoder = SentenceEncoder(mlm.base_model, pooler=training_pooler(config, model_path), head=config.head,
+                                  mlp_only_train=config.mlp_only_train)
+    else:
+        encoder = SentenceEncoder.from_pretrained(
+            model_path,
+            pooler=training_pooler(config, model_path),
+            head=config.head,
+            mlp_only_train=config.mlp_only_train,
+        )
     encoder.speed_up(config.packing, config.fast_dropout)
+    if config.objective == "mlm":
+        return MaskedLMModel(mlm, encoder, mlm_masker(tokenizer, config.mlm_probability))
     if config.sync_batchnorm:
         convert_batchnorm(encoder)
     # The backbone's own pooler layer is never used in training; frozen, DDP need not track it.
@@ -78,6 +94,8 @@ def build_model(config: TrainConfig, model_path: str, tokenizer: object) -> Cont
     else:
         model = ContrastiveModel(encoder, loss)
     model.gather_negatives = config.gather_negatives
+    if mlm is not None:
+        model.aux_mlm = AuxiliaryMLM(mlm, mlm_masker(tokenizer, config.mlm_probability), config.mlm_weight)
     return model
 
 
@@ -228,6 +246,12 @@ class ContrastiveTrainer(Trainer):
         """Our duplicate-free order when distinct_batches is on, else the Trainer's own."""
         return self.train_sampler if self.train_sampler is not None else super()._get_train_sampler(train_dataset)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoint weights with each shared tensor once (see shared_tensor_names)."""
+        state = state_dict if state_dict is not None else self.model.state_dict()
+        drop = set(self.model._keys_to_ignore_on_save or ())
+        super()._save(output_dir, state_dict={k: v for k, v in state.items() if k not in drop})
+
     def current_totals(self) -> RunTotals:
         """Loss sum over every step so far (resumed runs included) and the steps skipped."""
         return RunTotals(self.totals.loss_sum + float(self._loss_sum), self.guard.skipped)
@@ -254,7 +278,8 @@ class ContrastiveTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_stsb_spearman": score, f"{metric_key_prefix}_seconds": time.perf_counter() - start}
         if math.isfinite(score) and score > self.best_score and self.args.should_save:
             self.best_score = score
-            self.export(step=self.state.global_step, score=score)
+            if self.run_config.objective != "mlm":  # masked-LM adaptation keeps its last model, not its best dev
+                self.export(step=self.state.global_step, score=score)
         metrics[f"{metric_key_prefix}_best_stsb_spearman"] = self.best_score
         self.log(metrics)
         self._last_eval = (self.state.global_step, metrics)
@@ -265,8 +290,29 @@ class ContrastiveTrainer(Trainer):
         if not self.args.should_save:
             return
         out = Path(self.run_config.output_dir)
-        export_model(self.model.encoder, self.export_tokenizer, out, self.run_config.max_seq_length)
+        if isinstance(self.model, MaskedLMModel):
+            export_masked_lm(self.model.mlm, self.export_tokenizer, out, self.model.encoder.pooler,
+                             self.run_config.max_seq_length)
+        else:
+            export_model(self.model.encoder, self.export_tokenizer, out, self.run_config.max_seq_length)
         write_json_atomic(out / "best.json", {"step": step, "stsb_dev_spearman": score})
+
+
+def shared_tensor_names(module: torch.nn.Module) -> list[str]:
+    """State-dict names whose tensor an earlier name already holds (tied MLM decoders, a transformer held twice).
+
+    Checkpoints leave them out (safetensors refuses shared tensors); the Trainer reloads non-strictly
+    and, when the missing names are exactly these, calls tie_weights(): they are the same Parameters,
+    so nothing is lost.
+    """
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    names = []
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            names.append(name)
+        seen.add(key)
+    return names
 
 
 def training_arguments(config: TrainConfig, device: str) -> TrainingArguments:
@@ -380,6 +426,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     # Everything random from here on (heads, discriminator, data order, dropout, masking) follows the seed.
     set_seed(config.seed)
     model = build_model(config, model_path, tokenizer)
+    model._keys_to_ignore_on_save = shared_tensor_names(model)
     packed = {"encoder": model.encoder.packing}
     if hasattr(model, "discriminator"):
         packed["discriminator"] = model.discriminator.packing
@@ -397,7 +444,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     totals = resume.totals if resume is not None else RunTotals()
     guard = NonFiniteGuard(config.on_nonfinite, config.max_skipped_steps, totals.skipped_steps)
     sampler = None
-    if config.distinct_batches:
+    if config.distinct_batches and config.objective != "mlm":
         # The loss sees one batch per step from every process: that is the group kept duplicate-free.
         sampler = DistinctBatchSampler(keys, config.batch_size * args.world_size, args.data_seed or config.seed)
     trainer = ContrastiveTrainer(
@@ -447,8 +494,8 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     final = None
     if scorer is not None:
         final = trainer.evaluate()["eval_stsb_spearman"]
-    elif not config.do_eval:
-        trainer.export(step=trainer.state.global_step, score=None)
+    if not config.do_eval or config.objective == "mlm":
+        trainer.export(step=trainer.state.global_step, score=final)
     steps = trainer.state.global_step
     totals_now = trainer.current_totals()
     summary.update(

@@ -19,11 +19,15 @@ class ContrastiveModel(nn.Module):
     sentence twice, so dropout gives the two views), and the loss is InfoNCE on z1, z2 (, z3).
     """
 
+    # Checkpoint names left out as duplicates of shared tensors (set by the trainer; HF's attribute name).
+    _keys_to_ignore_on_save: list[str] | None = None
+
     def __init__(self, encoder: SentenceEncoder, loss: InfoNCE, gather_negatives: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.loss = loss
         self.gather_negatives = gather_negatives
+        self.aux_mlm: nn.Module | None = None  # SimCSE's auxiliary MLM term (objectives.mlm.AuxiliaryMLM)
         self._stats: dict[str, list[float]] = defaultdict(list)
 
     def flatten_views(
@@ -66,12 +70,24 @@ class ContrastiveModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return {'loss': ...} for the Trainer."""
         out, _, _, views = self.encode_views(input_ids, attention_mask)
-        return {"loss": self.contrastive_loss(out, views)}
+        return {"loss": self.contrastive_loss(out, views) + self.auxiliary_mlm(input_ids, attention_mask)}
+
+    def auxiliary_mlm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | float:
+        """mlm_weight x the MLM loss of each sentence's first view (0 without the auxiliary term)."""
+        if self.aux_mlm is None:
+            return 0.0
+        loss = self.aux_mlm(input_ids[:, 0], attention_mask[:, 0])
+        self.record(loss_mlm=loss.item() / self.aux_mlm.weight)
+        return loss
 
     def record(self, stats: dict[str, float] | None = None, **more: float) -> None:
         """Keep per-step numbers until the next log line averages them."""
         for key, value in {**(stats or {}), **more}.items():
             self._stats[key].append(float(value))
+
+    def tie_weights(self) -> None:
+        """Called by the Trainer after loading a checkpoint without the shared tensors: they are the same
+        Parameters here, so there is nothing to tie again."""
 
     def pop_stats(self) -> dict[str, float]:
         """Average and clear what record() collected since the last call."""

@@ -187,7 +187,7 @@ class DiffCSEModel(ContrastiveModel):
         loss_contrast = self.contrastive_loss(out, views)
         loss_rtd = self.replaced_token_detection(out, ids, mask)
         self.record(loss_rtd=loss_rtd.item())
-        return {"loss": loss_contrast + self.lambda_weight * loss_rtd}
+        return {"loss": loss_contrast + self.lambda_weight * loss_rtd + self.auxiliary_mlm(input_ids, attention_mask)}
 
     def rtd_chunked(
         self,
