@@ -14,7 +14,8 @@ import os
 import sys
 from importlib import import_module
 
-COMMAND_MODULES = ("diffcse.training.cli", "diffcse.evaluation.cli", "diffcse.search.cli", "diffcse.finetune.cli")
+COMMAND_MODULES = ("diffcse.training.cli", "diffcse.evaluation.cli", "diffcse.search.cli", "diffcse.finetune.cli",
+                   "diffcse.experiments.cli")
 
 
 class Parser(argparse.ArgumentParser):

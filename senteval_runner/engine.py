@@ -286,3 +286,29 @@ def _jsonable(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return obj
+
+
+def evaluate_features(
+    features: np.ndarray,
+    labels: np.ndarray,
+    mode: str = "test",
+    seed: int = 1111,
+    batched: bool = True,
+    device: str = "cpu",
+    classifier_threads: int | None = 1,
+    classifier_kernel: str = "auto",
+) -> dict:
+    """MR/CR's protocol (nested k-fold, the mode's classifier config) on given features and labels 0..C-1."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    y = np.asarray(labels, dtype=np.int64)
+    X = np.asarray(features, dtype=np.float32)
+    if X.ndim != 2 or len(X) != len(y):
+        raise ValueError(f"features of shape {X.shape} do not match {len(y)} labels")
+    kernel = resolve_kernel(classifier_kernel, device) if batched else None
+    fitter = make_fitter(batched=batched, device=device, kernel=kernel or "auto")
+    with _torch_threads(classifier_threads if device == "cpu" else None):
+        res = run_nested_kfold(X, y, int(y.max()) + 1, CONFIGS[mode], fitter, seed)
+    res.pop("classify_s", None)
+    res["classifier"] = CONFIGS[mode].as_dict() | {"seed": seed, "kernel": kernel_description(kernel)}
+    return _jsonable(res)

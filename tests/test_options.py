@@ -60,7 +60,7 @@ def other_value(spec: object) -> object:
 def test_every_command_is_built_from_a_config() -> None:
     names = {name for name, _, _ in commands()}
     assert names == {"train", "eval", "encode", "index build", "index add", "index delete", "index info",
-                     "search", "serve", "finetune"}
+                     "search", "serve", "mine", "finetune", "experiment", "report"}
 
 
 @pytest.mark.parametrize("name", [name for name, _, _ in commands()])

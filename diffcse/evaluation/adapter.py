@@ -6,6 +6,9 @@ folder with diffcse's Encoder and describes it for the report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from diffcse.core.encoder import Encoder
@@ -37,3 +40,63 @@ class FolderEncoder:
     def __call__(self, sentences: list[str]) -> np.ndarray:
         """Embeddings in input order, float32."""
         return self.encoder.encode(sentences, batch_size=self.batch_size)
+
+
+class RememberingEncoder:
+    """An encode function that keeps the embeddings of chosen sentences, so a second pass costs nothing.
+
+    `diffcse eval` scores STS-B, then measures alignment and uniformity on the same sentences;
+    only those are kept, so memory stays bounded however many tasks run.
+    """
+
+    def __init__(self, encode: FolderEncoder, keep: set[str]) -> None:
+        """Wrap `encode`; remember the rows of the sentences in `keep`."""
+        self.encode = encode
+        self.keep = keep
+        self.memory: dict[str, np.ndarray] = {}
+        self.preferred_chunk_size = encode.preferred_chunk_size
+
+    def __call__(self, sentences: list[str]) -> np.ndarray:
+        """Embeddings in input order; remembered rows are reused, the rest encoded."""
+        if not sentences:
+            return self.encode(sentences)
+        missing = [s for s in dict.fromkeys(sentences) if s not in self.memory]
+        fresh = dict(zip(missing, self.encode(missing), strict=True)) if missing else {}
+        self.memory.update((s, row) for s, row in fresh.items() if s in self.keep)
+        return np.stack([fresh[s] if s in fresh else self.memory[s] for s in sentences])
+
+
+def evaluate_folder(
+    enc: FolderEncoder,
+    tasks: list[str] | None = None,
+    task_set: str | None = None,
+    mode: str = "test",
+    data_dir: str | None = None,
+    alignment_uniformity: bool = True,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict:
+    """senteval_runner's report for a loaded folder, plus alignment/uniformity when STS-B is evaluated.
+
+    `options` go to senteval_runner.engine.evaluate (batch_size, seed, batched, device, ...).
+    Alignment and uniformity use STS-B test (dev in 'dev' mode, which never touches a test split).
+    """
+    from diffcse.core.io import display_path
+    from diffcse.core.metrics import stsb_alignment_uniformity
+    from senteval_runner.data import STSB_FILES, read_stsb_file, resolve_data_dir
+    from senteval_runner.engine import evaluate, resolve_tasks
+
+    root = resolve_data_dir(data_dir)
+    names = resolve_tasks(tasks, task_set)
+    measure = alignment_uniformity and "STSBenchmark" in names
+    split = "dev" if mode == "dev" else "test"
+    encode: Callable[[list[str]], np.ndarray] = enc
+    if measure:
+        pairs = read_stsb_file(root / "downstream" / "STS" / "STSBenchmark" / STSB_FILES[split])
+        encode = RememberingEncoder(enc, set(pairs.a + pairs.b))
+    report = evaluate(encode, tasks=names, mode=mode, data_dir=root, progress=progress, **options)
+    if measure:
+        report["alignment_uniformity"] = stsb_alignment_uniformity(encode, root, split=split)
+    report["settings"]["encoder"] = enc.description
+    report["settings"]["data_dir"] = display_path(report["settings"]["data_dir"])
+    return report
