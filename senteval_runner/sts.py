@@ -72,13 +72,32 @@ def check_embeddings(emb: np.ndarray, n: int, where: str) -> np.ndarray:
     return emb
 
 
-class StsbDevEvaluator:
-    """Cheap STS-B (dev by default) Spearman for the trainer's periodic checks.
+class PairEvaluator:
+    """Spearman/Pearson of cosine vs gold over any set of scored pairs, encoding each distinct sentence once.
 
-    The file is parsed once here; ``sentences`` are the distinct sentences (sorted by length)
-    and ``__call__`` calls ``encode(self.sentences)`` exactly once, so a caller can
-    pre-tokenise ``sentences`` and recognise the list.
+    ``sentences`` are the distinct sentences (sorted by length) and ``__call__`` calls
+    ``encode(self.sentences)`` exactly once, so a caller can pre-tokenise ``sentences`` and
+    recognise the list; ``score(emb)`` scores embeddings already computed for ``sentences``.
     """
+
+    def __init__(self, pairs: PairSplit) -> None:
+        self.pairs = pairs
+        self.sentences: list[str] = distinct_sorted(self.pairs.a + self.pairs.b)
+        self._index = {s: i for i, s in enumerate(self.sentences)}
+
+    def score(self, emb: np.ndarray) -> dict[str, float]:
+        """Raw Spearman/Pearson of cosine vs gold from the embeddings of ``sentences`` (in that order)."""
+        emb = check_embeddings(emb, len(self.sentences), type(self).__name__)
+        c = correlations(score_pairs(self.pairs, emb, self._index), self.pairs.gold)
+        return {"spearman": c["spearman"], "pearson": c["pearson"], "n": float(c["nsamples"])}
+
+    def __call__(self, encode: EncodeFn) -> dict[str, float]:
+        """Encode the distinct sentences once and score them."""
+        return self.score(encode(self.sentences))
+
+
+class StsbDevEvaluator(PairEvaluator):
+    """Cheap STS-B (dev by default) Spearman for the trainer's periodic checks."""
 
     def __init__(self, data_dir: str | os.PathLike[str] | None = None, split: str = "dev") -> None:
         """Parse sts-<split>.csv from the resolved SentEval data dir."""
@@ -87,13 +106,4 @@ class StsbDevEvaluator:
         root = resolve_data_dir(data_dir)
         self.split = split
         self.path = root / "downstream" / "STS" / "STSBenchmark" / STSB_FILES[split]
-        self.pairs = read_stsb_file(self.path)
-        self.sentences: list[str] = distinct_sorted(self.pairs.a + self.pairs.b)
-        self._index = {s: i for i, s in enumerate(self.sentences)}
-
-    def __call__(self, encode: EncodeFn) -> dict[str, float]:
-        """Encode the distinct sentences once and return raw Spearman/Pearson of cosine vs gold."""
-        emb = check_embeddings(encode(self.sentences), len(self.sentences), "StsbDevEvaluator")
-        sims = score_pairs(self.pairs, emb, self._index)
-        c = correlations(sims, self.pairs.gold)
-        return {"spearman": c["spearman"], "pearson": c["pearson"], "n": float(c["nsamples"])}
+        super().__init__(read_stsb_file(self.path))

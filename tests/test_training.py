@@ -264,3 +264,46 @@ def test_diffcse_builds_batchnorm_head_by_default(tiny_bert_dir: str) -> None:
     assert isinstance(model.encoder.head, MLPHead)
     model = build_model(load_config(None, {**base, "objective": "simcse"}), tiny_bert_dir, tok)
     assert isinstance(model.encoder.head, MLPHead)
+
+
+def test_dev_set_scores_alignment_uniformity_and_user_dev_file(
+    tiny_bert_dir: str, corpus: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    """STS-B dev logs alignment/uniformity (equal to a recomputation on the export); --dev-file selects the best."""
+    from senteval_runner.sts import StsbDevEvaluator
+
+    from diffcse.core.encoder import Encoder
+    from diffcse.core.metrics import alignment, uniformity
+    from diffcse.training.trainer import train
+
+    out = tmp_path / "stsb"
+    summary = train(tiny_config(tiny_bert_dir, corpus, out, do_eval=True, eval_steps=2, max_steps=4,
+                                senteval_data=str(data_dir / "senteval")))
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logs if "eval_stsb_spearman" in r]
+    assert evals and all("eval_alignment" in r and "eval_uniformity" in r for r in evals)
+    best = json.loads((out / "best.json").read_text())
+    at_best = next(r for r in evals if r["step"] == best["step"])
+    dev = StsbDevEvaluator(data_dir / "senteval")
+    emb = Encoder.load(str(out), device="cpu").encode(dev.sentences)
+    index = {s: i for i, s in enumerate(dev.sentences)}
+    keep = dev.pairs.gold > 4
+    a = emb[[index[s] for s, k in zip(dev.pairs.a, keep, strict=True) if k]]
+    b = emb[[index[s] for s, k in zip(dev.pairs.b, keep, strict=True) if k]]
+    assert at_best["eval_alignment"] == pytest.approx(alignment(a, b), rel=1e-4)
+    assert at_best["eval_uniformity"] == pytest.approx(uniformity(emb), rel=1e-4)
+    assert summary["dev_metric"] == "stsb_dev_spearman" and summary["stsb_dev_spearman_best"] == best["stsb_dev_spearman"]
+
+    dev_file = tmp_path / "my-dev.tsv"
+    texts = sentences(30, seed=9)
+    dev_file.write_text("sentence1\tsentence2\tscore\n" + "".join(
+        f"{texts[i]}\t{texts[i + 1]}\t{(i * 7) % 5}\n" for i in range(0, 28)))
+    out2 = tmp_path / "mine"
+    summary = train(tiny_config(tiny_bert_dir, corpus, out2, do_eval=True, eval_steps=2, max_steps=4,
+                                dev_file=str(dev_file)))
+    logs = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["eval_dev_file_spearman"] for r in logs if "eval_dev_file_spearman" in r}
+    best = json.loads((out2 / "best.json").read_text())
+    assert summary["dev_metric"] == "dev_file_spearman"
+    assert best["dev_file_spearman"] == max(scores.values()) == summary["dev_file_spearman_best"]
+    assert not any("eval_stsb_spearman" in r for r in logs)

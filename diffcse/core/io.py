@@ -171,6 +171,57 @@ def iter_lines(
                 yield Line(lineno, text, replaced)
 
 
+def split_fields(line: Line, path: str | os.PathLike[str], need: int, what: str) -> list[str]:
+    """The tab-separated, stripped fields of a line; a wrong count or an empty field names file:line.
+
+    `what` names the fields, comma-separated ("sentence1, sentence2, score").
+    """
+    parts = [p.strip() for p in line.text.split("\t")]
+    if len(parts) != need:
+        raise InputError(f"{path}:{line.lineno}: expected {need} tab-separated fields ({what}), got {len(parts)}")
+    for i, part in enumerate(parts, start=1):
+        if not part:
+            raise InputError(f"{path}:{line.lineno}: field {i} ({what.split(', ')[i - 1]}) is empty")
+    return parts
+
+
+def _finite(text: str) -> float | None:
+    """The field as a finite float, or None when it is not one."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_scored_pairs(path: str | os.PathLike[str], what: str = "STS file") -> tuple[list[str], list[str], list[float]]:
+    """A user STS file: `sentence1<TAB>sentence2<TAB>score` a line, UTF-8, optional header; errors name file:line.
+
+    A first line whose score field is not a number is a header. At least two pairs with scores
+    that vary are required (a correlation needs them).
+    """
+    fields = "sentence1, sentence2, score"
+    a: list[str] = []
+    b: list[str] = []
+    gold: list[float] = []
+    for n, line in enumerate(iter_lines(path, what)):
+        parts = [p.strip() for p in line.text.split("\t")]
+        if n == 0 and len(parts) == 3 and _finite(parts[2]) is None:
+            continue  # the first non-empty line, with a non-numeric score: the header
+        s1, s2, raw = split_fields(line, path, 3, fields)
+        value = _finite(raw)
+        if value is None:
+            raise InputError(f"{path}:{line.lineno}: score is not a finite number: {raw!r}")
+        a.append(s1)
+        b.append(s2)
+        gold.append(value)
+    if len(gold) < 2:
+        raise InputError(f"{path}: {len(gold)} scored pair(s); a correlation needs at least 2")
+    if len(set(gold)) < 2:
+        raise InputError(f"{path}: every gold score is {gold[0]}; a correlation needs scores that vary")
+    return a, b, gold
+
+
 def read_csv_columns(
     path: str | os.PathLike[str],
     required: tuple[str, ...],

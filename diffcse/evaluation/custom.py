@@ -9,7 +9,6 @@ lines are skipped; any other bad row is an error naming file:line.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,54 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from diffcse.core.errors import InputError
-from diffcse.core.io import Line, display_path, iter_lines
+from diffcse.core.io import display_path, iter_lines, read_scored_pairs, split_fields
 from senteval_runner.data import PairSplit
 
 EncodeFn = Callable[[list[str]], np.ndarray]
 _CLASSIFICATION_HEADERS = {("text", "label"), ("sentence", "label")}
 
 
-def _fields(line: Line, path: str | os.PathLike[str], need: int, what: str) -> list[str]:
-    """The tab-separated fields of a line, each stripped; a wrong count or an empty one names file:line."""
-    parts = [p.strip() for p in line.text.split("\t")]
-    if len(parts) != need:
-        raise InputError(f"{path}:{line.lineno}: expected {need} tab-separated fields ({what}), got {len(parts)}")
-    for i, part in enumerate(parts, start=1):
-        if not part:
-            raise InputError(f"{path}:{line.lineno}: field {i} ({what.split(', ')[i - 1]}) is empty")
-    return parts
-
-
-def _score(text: str) -> float | None:
-    """The score as a finite float, or None when the field is not one."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def read_sts_file(path: str | os.PathLike[str]) -> PairSplit:
     """Read a user STS file (sentence1, sentence2, score; optional header) into pairs and gold scores."""
-    what = "sentence1, sentence2, score"
-    a: list[str] = []
-    b: list[str] = []
-    gold: list[float] = []
-    for n, line in enumerate(iter_lines(path, "STS file")):
-        parts = [p.strip() for p in line.text.split("\t")]
-        if n == 0 and len(parts) == 3 and _score(parts[2]) is None:
-            continue  # the first non-empty line, with a non-numeric score: the header
-        s1, s2, raw = _fields(line, path, 3, what)
-        value = _score(raw)
-        if value is None:
-            raise InputError(f"{path}:{line.lineno}: score is not a finite number: {raw!r}")
-        a.append(s1)
-        b.append(s2)
-        gold.append(value)
-    if len(gold) < 2:
-        raise InputError(f"{path}: {len(gold)} scored pair(s); a correlation needs at least 2")
-    if len(set(gold)) < 2:
-        raise InputError(f"{path}: every gold score is {gold[0]}; a correlation needs scores that vary")
+    a, b, gold = read_scored_pairs(path)
     return PairSplit(a, b, np.asarray(gold, dtype=np.float64))
 
 
@@ -84,7 +45,7 @@ def read_classification_file(path: str | os.PathLike[str], min_per_label: int = 
     for n, line in enumerate(iter_lines(path, "classification file")):
         if n == 0 and tuple(p.strip().lower() for p in line.text.split("\t")) in _CLASSIFICATION_HEADERS:
             continue
-        text, label = _fields(line, path, 2, "text, label")
+        text, label = split_fields(line, path, 2, "text, label")
         texts.append(text)
         raw_labels.append(label)
     names = sorted(set(raw_labels))
@@ -102,14 +63,11 @@ def read_classification_file(path: str | os.PathLike[str], min_per_label: int = 
 
 def score_sts_file(encode: EncodeFn, path: str | os.PathLike[str]) -> dict:
     """Cosine similarity of each pair against the gold scores: Spearman and Pearson (raw, not x100)."""
-    from senteval_runner.sts import check_embeddings, correlations, distinct_sorted, score_pairs
+    from senteval_runner.sts import PairEvaluator
 
     pairs = read_sts_file(path)
-    sentences = distinct_sorted(pairs.a + pairs.b)
-    emb = check_embeddings(encode(sentences), len(sentences), f"encode ({display_path(path)})")
-    # The same cosine (senteval_runner.sts.cosine_rows) as every SentEval STS task.
-    sims = score_pairs(pairs, emb, {s: i for i, s in enumerate(sentences)})
-    result = correlations(sims, pairs.gold)
+    # The same cosine and correlations as every SentEval STS task.
+    result = PairEvaluator(pairs)(encode)
     return {"spearman": result["spearman"], "pearson": result["pearson"], "pairs": len(pairs)}
 
 

@@ -13,10 +13,12 @@ def run(config: TrainConfig) -> int:
     from diffcse.training.trainer import train
 
     summary = train(config)
-    before, best = summary["stsb_dev_spearman_before"], summary["stsb_dev_spearman_best"]
+    dev = summary["dev_metric"]
+    before, best = summary[f"{dev}_before"], summary[f"{dev}_best"]
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f}s -> {config.output_dir}")
     if before is not None and best is not None:
-        print(f"STS-B dev Spearman: before {100 * before:.2f}  best {100 * best:.2f}")
+        label = "STS-B dev" if dev == "stsb_dev_spearman" else f"{config.dev_file}"
+        print(f"{label} Spearman: before {100 * before:.2f}  best {100 * best:.2f}")
     return 0
 
 

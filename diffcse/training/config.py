@@ -92,6 +92,8 @@ class TrainConfig:
     eval_steps: int = opt(125, "evaluate STS-B dev every N steps", min=1)
     do_eval: bool = opt(True, "evaluate STS-B dev every --eval-steps and keep the best model")
     senteval_data: str | None = opt(None, "folder holding SentEval's downstream/ (default: $DIFFCSE_DATA_DIR/senteval)")
+    dev_file: str | None = opt(None, "select checkpoints on your own dev set (sentence1<TAB>sentence2<TAB>score "
+                               "a line) instead of STS-B dev")
     logging_steps: int = opt(10, "log every N steps", min=1)
     save_steps: int = opt(250, "checkpoint every N steps", min=1)
     save_total_limit: int = opt(2, "checkpoints kept", min=1)

@@ -33,7 +33,14 @@ from diffcse.core.folder import (
     resolve_model_path,
     resolve_pooler,
 )
-from diffcse.core.io import default_corpus, dumps_json, write_json_atomic, write_text_atomic
+from diffcse.core.io import (
+    default_corpus,
+    dumps_json,
+    read_scored_pairs,
+    write_json_atomic,
+    write_text_atomic,
+)
+from diffcse.core.metrics import POSITIVE_THRESHOLD, alignment, uniformity
 from diffcse.core.modeling import SentenceEncoder
 from diffcse.core.runtime import resolve_device, resolve_precision, set_threads
 from diffcse.training.checkpoints import CheckpointManifest, RunTotals, resumable_checkpoint
@@ -133,29 +140,45 @@ def load_dataset(config: TrainConfig, tokenizer: object, out: Path) -> tuple[obj
     return dataset, keys, info
 
 
-class StsbDevScorer:
-    """STS-B dev Spearman of the encoder's inference embedding, with tokenisation cached."""
+class DevScorer:
+    """Dev Spearman of the encoder's inference embedding (STS-B dev, or the user's --dev-file), with
+    tokenisation cached; also alignment (STS-B dev pairs scored above 4) and uniformity (all dev
+    sentences), as the SimCSE paper reports them, so a run's trajectory can be plotted."""
 
-    def __init__(self, tokenizer: object, max_seq_length: int, data_dir: str | None) -> None:
-        from senteval_runner import StsbDevEvaluator
+    def __init__(self, tokenizer: object, max_seq_length: int, data_dir: str | None, dev_file: str | None = None) -> None:
+        from senteval_runner.data import PairSplit
+        from senteval_runner.sts import PairEvaluator, StsbDevEvaluator
 
-        self.evaluator = StsbDevEvaluator(data_dir, split="dev")
+        if dev_file is not None:
+            a, b, gold = read_scored_pairs(dev_file, "dev file")
+            self.evaluator = PairEvaluator(PairSplit(a, b, np.asarray(gold, dtype=np.float64)))
+            # A user's score scale is unknown, so which pairs count as positives for alignment is too.
+            self.name, self.summary_key, positives = "dev_file_spearman", "dev_file_spearman", None
+        else:
+            self.evaluator = StsbDevEvaluator(data_dir, split="dev")
+            self.name, self.summary_key = "stsb_spearman", "stsb_dev_spearman"
+            positives = self.evaluator.pairs.gold > POSITIVE_THRESHOLD
+        index = {s: i for i, s in enumerate(self.evaluator.sentences)}
+        self.positive_rows = None
+        if positives is not None:
+            pairs = self.evaluator.pairs
+            self.positive_rows = (
+                np.asarray([index[s] for s, keep in zip(pairs.a, positives, strict=True) if keep]),
+                np.asarray([index[s] for s, keep in zip(pairs.b, positives, strict=True) if keep]),
+            )
         self.tokenizer = tokenizer
-        sents = self.evaluator.sentences
-        self.index = {s: i for i, s in enumerate(sents)}
-        self.encoded = tokenizer(sents, truncation=True, max_length=max_seq_length)
+        self.encoded = tokenizer(self.evaluator.sentences, truncation=True, max_length=max_seq_length)
 
-    def __call__(self, encoder: SentenceEncoder, batch_size: int = 128) -> float:
-        """Return Spearman (raw correlation) on STS-B dev; NaN when the embeddings are not finite."""
+    def __call__(self, encoder: SentenceEncoder, batch_size: int = 128) -> dict[str, float]:
+        """Dev Spearman (raw) under `self.name`, uniformity, alignment on STS-B; NaN when the embeddings are not finite."""
         device = next(encoder.parameters()).device
         emb = encode_tokenized(encoder, self.tokenizer, self.encoded, batch_size, False, device)
         if not np.isfinite(emb).all():
-            return math.nan
-
-        def encode(batch: list[str]) -> np.ndarray:
-            return emb[[self.index[s] for s in batch]]
-
-        return float(self.evaluator(encode)["spearman"])
+            return {self.name: math.nan}
+        scores = {self.name: float(self.evaluator.score(emb)["spearman"]), "uniformity": uniformity(emb)}
+        if self.positive_rows is not None:
+            scores["alignment"] = alignment(emb[self.positive_rows[0]], emb[self.positive_rows[1]])
+        return scores
 
 
 class JsonlLogger(TrainerCallback):
@@ -208,7 +231,7 @@ class ContrastiveTrainer(Trainer):
     """HF Trainer that logs the objective's parts, guards against divergence and exports the best model."""
 
     def __init__(  # noqa: ANN204
-        self, *args, scorer: StsbDevScorer | None, config: TrainConfig, tokenizer_for_export, guard: NonFiniteGuard,
+        self, *args, scorer: DevScorer | None, config: TrainConfig, tokenizer_for_export, guard: NonFiniteGuard,
         totals: RunTotals, train_sampler: DistinctBatchSampler | None = None, **kwargs,  # noqa: ANN001, ANN002, ANN003
     ):
         self.train_sampler = train_sampler
@@ -222,8 +245,8 @@ class ContrastiveTrainer(Trainer):
         self.best_score = -math.inf
         self._last_eval: tuple[int, dict] | None = None
         state_file = Path(config.output_dir) / "best.json"
-        if config.resume and state_file.exists():
-            best = json.loads(state_file.read_text()).get("stsb_dev_spearman")
+        if config.resume and state_file.exists() and scorer is not None:
+            best = json.loads(state_file.read_text()).get(scorer.summary_key)
             self.best_score = best if best is not None else -math.inf
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
@@ -274,13 +297,15 @@ class ContrastiveTrainer(Trainer):
         if self._last_eval is not None and self._last_eval[0] == self.state.global_step:
             return self._last_eval[1]  # the Trainer may ask again at the same step (epoch/training end)
         start = time.perf_counter()
-        score = self.scorer(self.model.encoder)
-        metrics = {f"{metric_key_prefix}_stsb_spearman": score, f"{metric_key_prefix}_seconds": time.perf_counter() - start}
+        scores = self.scorer(self.model.encoder)
+        score = scores[self.scorer.name]
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
+        metrics[f"{metric_key_prefix}_seconds"] = time.perf_counter() - start
         if math.isfinite(score) and score > self.best_score and self.args.should_save:
             self.best_score = score
             if self.run_config.objective != "mlm":  # masked-LM adaptation keeps its last model, not its best dev
                 self.export(step=self.state.global_step, score=score)
-        metrics[f"{metric_key_prefix}_best_stsb_spearman"] = self.best_score
+        metrics[f"{metric_key_prefix}_best_{self.scorer.name}"] = self.best_score
         self.log(metrics)
         self._last_eval = (self.state.global_step, metrics)
         return metrics
@@ -295,7 +320,8 @@ class ContrastiveTrainer(Trainer):
                              self.run_config.max_seq_length)
         else:
             export_model(self.model.encoder, self.export_tokenizer, out, self.run_config.max_seq_length)
-        write_json_atomic(out / "best.json", {"step": step, "stsb_dev_spearman": score})
+        key = self.scorer.summary_key if self.scorer is not None else "stsb_dev_spearman"
+        write_json_atomic(out / "best.json", {"step": step, key: score})
 
 
 def shared_tensor_names(module: torch.nn.Module) -> list[str]:
@@ -434,7 +460,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     main_process = int(os.environ.get("RANK", "0")) == 0
     scorer = None
     if config.do_eval and main_process:
-        scorer = StsbDevScorer(tokenizer, config.max_seq_length, config.senteval_data)
+        scorer = DevScorer(tokenizer, config.max_seq_length, config.senteval_data, config.dev_file)
     out.mkdir(parents=True, exist_ok=True)
     if main_process:
         config.save(out / "train_config.yaml")
@@ -463,9 +489,11 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     )
     trainer.add_callback(CheckpointManifest(Path(args.output_dir), trainer.current_totals))
     initial = None
+    dev = scorer.summary_key if scorer is not None else "stsb_dev_spearman"
     if scorer is not None and resume is None:
-        initial = scorer(model.encoder)
-        trainer.log({"eval_stsb_spearman": initial, "eval_best_stsb_spearman": initial})
+        scores = scorer(model.encoder)
+        initial = scores[scorer.name]
+        trainer.log({**{f"eval_{k}": v for k, v in scores.items()}, f"eval_best_{scorer.name}": initial})
     summary = {
         "status": "finished",
         "model": model_name(model_path),
@@ -475,7 +503,8 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
         "fast_dropout": config.fast_dropout,
         "grad_cache_chunk": config.grad_cache_chunk,
         "resumed_from_step": resume.step if resume is not None else None,
-        "stsb_dev_spearman_before": initial,
+        "dev_metric": dev,
+        f"{dev}_before": initial,
         "data": data_info,
     }
     start = time.perf_counter()
@@ -484,16 +513,16 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     except TrainingDiverged as err:
         _close_progress_bars(trainer)
         message = f"{err}. Last complete checkpoint: {_describe_checkpoint(out)}; {_describe_export(out)}"
-        summary.update(status="diverged", error=message, steps=err.step,
-                       train_seconds=time.perf_counter() - start,
-                       stsb_dev_spearman_best=trainer.best_score if scorer is not None else None)
+        summary.update({"status": "diverged", "error": message, "steps": err.step,
+                        "train_seconds": time.perf_counter() - start,
+                        f"{dev}_best": trainer.best_score if scorer is not None else None})
         if main_process:
             write_json_atomic(out / "summary.json", summary)
         raise TrainingDiverged(message, err.step) from None
     seconds = time.perf_counter() - start
     final = None
     if scorer is not None:
-        final = trainer.evaluate()["eval_stsb_spearman"]
+        final = trainer.evaluate()[f"eval_{scorer.name}"]
     if not config.do_eval or config.objective == "mlm":
         trainer.export(step=trainer.state.global_step, score=final)
     steps = trainer.state.global_step
@@ -504,8 +533,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
         train_loss=totals_now.loss_sum / steps if steps else None,
         skipped_steps=totals_now.skipped_steps,
         duplicates_moved=sampler.moved if sampler is not None else None,
-        stsb_dev_spearman_final=final,
-        stsb_dev_spearman_best=trainer.best_score if scorer is not None else None,
+        **{f"{dev}_final": final, f"{dev}_best": trainer.best_score if scorer is not None else None},
     )
     if main_process:
         write_json_atomic(out / "summary.json", summary)
