@@ -55,8 +55,10 @@ def test_line_index_reads_what_the_line_reader_reads(tmp_path: Path) -> None:
     path = tmp_path / "c.txt"
     path.write_bytes(b"first line\r\n\n   \nsecond  line\n\xc3\xa9t\xc3\xa9 here\nlast without newline")
     index = tmp_path / "idx"
-    starts, ends, linenos, keys = build_line_index(path, index)
-    assert linenos.tolist() == [1, 4, 5, 6]
+    starts, lengths, keys = build_line_index(path, index)
+    data = path.read_bytes()
+    spans = [data[a : a + n] for a, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+    assert spans == [b"first line\r", b"second  line", "été here".encode(), b"last without newline"]
     assert len(set(keys.tolist())) == 4
     tok = None  # text() reads without tokenising
     corpus = LineCorpus(path, tok, 16, index)
@@ -74,6 +76,8 @@ def test_line_index_names_the_line_of_bad_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"fine\nalso fine\nbad \xff byte\n")
     with pytest.raises(ValueError, match=r"bad.txt:3: invalid UTF-8"):
         build_line_index(path, tmp_path / "idx")
+    assert len(build_line_index(path, tmp_path / "idx2", "replace")[0]) == 3  # --encoding-errors replace
+    assert not list((tmp_path / "idx").glob("*.json"))  # a failed build leaves no complete-looking index
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(ValueError, match="has no sentences"):

@@ -5,13 +5,14 @@ pushes apart two identical inputs. `DistinctBatchSampler` shuffles as usual, the
 whose text (by a 64-bit hash, never a string compare) is already in its batch to a later batch,
 and counts how many it moved. Every item still appears exactly once per epoch.
 
-`LineCorpus` trains on a text file larger than memory: a one-pass line-offset index (memory-mapped
-beside the run, reused while the file is unchanged) and per-item reads, so RAM holds the offsets,
-not the sentences.
+`LineCorpus` trains on a text file larger than memory: a one-pass line-offset index (memory-mapped,
+under the run's folder, reused while the file is unchanged) and per-item reads, so RAM holds
+neither the sentences nor, beyond the pages in use, their offsets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -23,11 +24,12 @@ import numpy as np
 from torch.utils.data import Dataset, Sampler
 
 from diffcse.core.errors import InputError
-from diffcse.core.io import atomic_path, check_input_file, decode_line
+from diffcse.core.io import atomic_path, check_input_file, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 _BLOCK = 1 << 24  # bytes read per step while indexing a corpus file
+_SLICE = 1 << 16  # indices turned into Python ints at a time
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
 
@@ -40,6 +42,12 @@ def text_key(data: bytes) -> int:
 def ids_key(ids: list[int]) -> int:
     """A 64-bit key of a token-id sequence (Python's int-tuple hash is not salted per process)."""
     return hash(tuple(ids))
+
+
+def _iter_slices(values: np.ndarray) -> Iterator[int]:
+    """The values as Python ints, converted a slice at a time (bounded memory)."""
+    for start in range(0, len(values), _SLICE):
+        yield from values[start : start + _SLICE].tolist()
 
 
 class DistinctBatchSampler(Sampler[int]):
@@ -68,15 +76,15 @@ class DistinctBatchSampler(Sampler[int]):
         return len(self.keys)
 
     def __iter__(self) -> Iterator[int]:
-        order = self.order()
-        return iter(order.tolist())
+        yield from _iter_slices(self.order())
 
     def order(self) -> np.ndarray:
         """This epoch's order of every index, each exactly once."""
         n, size = len(self.keys), self.group_size
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        index_type = np.int32 if n < 2**31 else np.int64
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(n).astype(index_type)
         keys = self.keys
-        out = np.empty(n, dtype=np.int64)
+        out = np.empty(n, dtype=index_type)
         filled = start = moved = waiting = 0
         seen: set[int] = set()
         # Deferred items by key (oldest first): a batch takes at most one of each waiting key, so a
@@ -108,7 +116,7 @@ class DistinctBatchSampler(Sampler[int]):
                     if not queue:
                         del pending[k]
 
-        for i in perm.tolist():
+        for i in _iter_slices(perm):
             k = int(keys[i])
             if k in seen:
                 pending.setdefault(k, deque()).append(i)
@@ -147,7 +155,7 @@ class LineCorpus(Dataset):
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.encoding_errors = encoding_errors
-        self.starts, self.ends, self.linenos, self.keys = build_line_index(self.path, Path(index_dir))
+        self.starts, self.lengths, self.keys = build_line_index(self.path, Path(index_dir), encoding_errors)
         self._fd: int | None = None
         self._pid = -1
 
@@ -155,12 +163,15 @@ class LineCorpus(Dataset):
         return len(self.starts)
 
     def text(self, i: int) -> str:
-        """The stripped text of item i (read from disk)."""
+        """The stripped text of item i (read from disk; the index build checked its UTF-8)."""
         if self._fd is None or self._pid != os.getpid():  # one descriptor per data-loader worker
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        start, end = int(self.starts[i]), int(self.ends[i])
-        raw = os.pread(self._fd, end - start, start)
-        return decode_line(raw, self.path, int(self.linenos[i]), self.encoding_errors)[0].strip()
+        start = int(self.starts[i])
+        raw = os.pread(self._fd, int(self.lengths[i]), start)
+        try:
+            return raw.decode("utf-8", errors=self.encoding_errors).strip()
+        except UnicodeDecodeError:
+            raise InputError(f"{self.path}: invalid UTF-8 at byte {start}: the file changed after it was indexed") from None
 
     def __getitem__(self, i: int) -> dict:
         ids = self.tokenizer(self.text(i), truncation=False, add_special_tokens=True)["input_ids"]
@@ -175,56 +186,66 @@ class LineCorpus(Dataset):
         return state
 
 
-def build_line_index(path: Path, index_dir: Path) -> tuple[np.ndarray, ...]:
-    """(starts, ends, line numbers, text keys) of the non-blank lines of path, memory-mapped; built once.
+# The line index: raw arrays (memory-mapped), and a small JSON written last that says they are complete.
+_INDEX_ARRAYS = (("starts", np.int64), ("lengths", np.uint32), ("keys", np.int64))
+
+
+def build_line_index(path: Path, index_dir: Path, encoding_errors: str = "strict") -> tuple[np.ndarray, ...]:
+    """(byte offsets, byte lengths, text keys) of the non-blank lines of path, memory-mapped; built once.
 
     The index lives in index_dir under a name derived from the file's path, size and mtime, so a
-    changed file is indexed again. Invalid UTF-8 is found here, with its line number, not mid-run.
+    changed file is indexed again. It is written a block at a time (memory stays at one block) and
+    completed by its JSON. Invalid UTF-8 is found here, with its line number, not mid-run.
     """
     stat = path.stat()
     tag = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    files = {name: index_dir / f"{path.name}.{tag}.{name}.npy" for name in ("starts", "ends", "linenos", "keys")}
-    if all(f.is_file() for f in files.values()):
-        return tuple(np.load(files[name], mmap_mode="r") for name in ("starts", "ends", "linenos", "keys"))
-    index_dir.mkdir(parents=True, exist_ok=True)
-    starts, ends, linenos, keys = [], [], [], []
+    meta_file = index_dir / f"{path.name}.{tag}.json"
+    files = {name: index_dir / f"{path.name}.{tag}.{name}.bin" for name, _ in _INDEX_ARRAYS}
+    meta = read_json(meta_file)
+    if meta is None:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            tmps = {name: stack.enter_context(atomic_path(files[name], suffix=".bin")) for name, _ in _INDEX_ARRAYS}
+            handles = {name: stack.enter_context(open(tmp, "wb")) for name, tmp in tmps.items()}
+            count = 0
+            for block in _index_blocks(path, encoding_errors):
+                for (name, dtype), array in zip(_INDEX_ARRAYS, block, strict=True):
+                    array.astype(dtype).tofile(handles[name])
+                count += len(block[0])
+            for fh in handles.values():
+                fh.flush()
+            if not count:
+                raise InputError(f"training file {path} has no sentences")
+        write_json_atomic(meta_file, {"lines": count, "file": path.name, "bytes": stat.st_size})
+        meta = {"lines": count}
+    count = int(meta["lines"])
+    return tuple(
+        np.memmap(files[name], dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+        for name, dtype in _INDEX_ARRAYS
+    )
+
+
+def _index_blocks(path: Path, encoding_errors: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(offsets, lengths, keys) of the non-blank lines, one block of whole lines at a time."""
     offset, lineno, carry = 0, 0, b""
     with open(path, "rb") as fh:
         while True:
             block = fh.read(_BLOCK)
             data = carry + block
-            if not block:
-                if not data:
-                    break
-                cut = len(data)  # a last line without a newline
-            else:
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    carry = data
-                    continue
+            if not data:
+                return
+            cut = len(data) if not block else data.rfind(b"\n") + 1
+            if cut == 0:
+                carry = data  # one line longer than a block: read on
+                continue
             part, carry = data[:cut], data[cut:]
-            _check_utf8(part, path, lineno)
-            s, e, ln, k = _index_block(part, offset, lineno)
-            starts.append(s)
-            ends.append(e)
-            linenos.append(ln)
-            keys.append(k)
-            lineno += part.count(b"\n") + (0 if part.endswith(b"\n") else 1)
+            if encoding_errors == "strict":
+                _check_utf8(part, path, lineno)
+            yield _index_block(part, offset)
+            lineno += part.count(b"\n")
             offset += len(part)
             if not block:
-                break
-    arrays = {
-        "starts": np.concatenate(starts) if starts else np.zeros(0, np.int64),
-        "ends": np.concatenate(ends) if ends else np.zeros(0, np.int64),
-        "linenos": np.concatenate(linenos) if linenos else np.zeros(0, np.int64),
-        "keys": np.concatenate(keys) if keys else np.zeros(0, np.int64),
-    }
-    if not len(arrays["starts"]):
-        raise InputError(f"training file {path} has no sentences")
-    for name, array in arrays.items():
-        with atomic_path(files[name], suffix=".npy") as tmp:
-            np.save(tmp, array)
-    return tuple(np.load(files[name], mmap_mode="r") for name in ("starts", "ends", "linenos", "keys"))
+                return
 
 
 def _check_utf8(part: bytes, path: Path, first_line: int) -> None:
@@ -233,11 +254,11 @@ def _check_utf8(part: bytes, path: Path, first_line: int) -> None:
         part.decode("utf-8")
     except UnicodeDecodeError as err:
         line = first_line + part.count(b"\n", 0, err.start) + 1
-        raise InputError(f"{path}:{line}: invalid UTF-8 (fix the file; a file read from disk is not repaired)") from None
+        raise InputError(f"{path}:{line}: invalid UTF-8 (fix the file, or pass --encoding-errors replace)") from None
 
 
-def _index_block(part: bytes, offset: int, first_line: int) -> tuple[np.ndarray, ...]:
-    """Line spans of one block of whole lines: non-blank lines only, with their keys."""
+def _index_block(part: bytes, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Offsets, lengths and keys of the non-blank lines of one block of whole lines."""
     buf = np.frombuffer(part, dtype=np.uint8)
     newlines = np.flatnonzero(buf == 10)
     ends = np.append(newlines, len(buf)) if len(buf) and buf[-1] != 10 else newlines
@@ -246,7 +267,6 @@ def _index_block(part: bytes, offset: int, first_line: int) -> tuple[np.ndarray,
     solid = np.concatenate([[0], np.cumsum(~_WHITESPACE[buf])])
     keep = (solid[ends] - solid[starts]) > 0
     starts, ends = starts[keep].astype(np.int64), ends[keep].astype(np.int64)
-    linenos = np.flatnonzero(keep).astype(np.int64) + first_line + 1
     keys = np.fromiter((text_key(part[a:b].strip()) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)),
                        dtype=np.int64, count=len(starts))
-    return starts + offset, ends + offset, linenos, keys
+    return starts + offset, ends - starts, keys
