@@ -15,6 +15,7 @@ from diffcse.training.config import TrainConfig
 DICT_EXAMPLES = {
     "loss_weights": {"cce": 0.4, "softtriple": 0.6},
     "loss_params": {"softtriple": {"la": 8, "margin": 0.1}, "proxyanchor": {"alpha": 32.0}},
+    "where": {"lang": {"in": ["en", "de"]}, "year": {"gte": 2000, "lt": 2010}},
 }
 
 
@@ -60,7 +61,8 @@ def other_value(spec: object) -> object:
 def test_every_command_is_built_from_a_config() -> None:
     names = {name for name, _, _ in commands()}
     assert names == {"train", "eval", "encode", "index build", "index add", "index delete", "index info",
-                     "search", "serve", "mine", "finetune", "experiment", "report"}
+                     "search", "serve", "mine", "finetune", "experiment", "report",
+                     "index upsert", "index upgrade"}
 
 
 @pytest.mark.parametrize("name", [name for name, _, _ in commands()])

@@ -29,6 +29,7 @@ from diffcse.cli import main  # noqa: E402
 from diffcse.core.encoder import Encoder  # noqa: E402
 from diffcse.search import SearchIndex, lock_holder, read_manifest  # noqa: E402
 from diffcse.search.service import (  # noqa: E402
+    NON_BLANK,
     ServiceLimits,
     allowed_host_names,
     create_app,
@@ -149,6 +150,44 @@ def test_add_delete_persist(served: dict) -> None:
     assert len(reloaded) == before + 1 and reloaded.get([body["ids"][1]])[body["ids"][1]][0] == "two happy dogs"
 
 
+def test_upsert_filters_modes_and_delete_by_doc_id(served: dict) -> None:
+    c, path = served["client"], served["path"]
+    before = c.get("/health").json()["count"]
+    docs = [{"id": "web-1", "text": "a quokka sleeps in the park", "metadata": {"src": "web", "year": 2001}},
+            {"id": "web-2", "text": "a red car on the road", "metadata": {"src": "web", "year": 2015}},
+            {"id": "book-1", "text": "she reads a book about a quokka", "metadata": {"src": "book", "year": 2001}}]
+    r = c.post("/upsert", json={"documents": docs}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["added"], body["replaced"], body["count"], body["saved"]) == (3, 0, before + 3, True)
+    assert read_manifest(path).count == before + 3  # on disk before the answer came back
+    # Replace one: same doc id, new text and metadata.
+    r = c.post("/upsert", json={"documents": [{"id": "web-1", "text": "a quokka eats an apple",
+                                               "metadata": {"src": "web", "year": 2003}}]}, headers=AUTH)
+    assert (r.json()["added"], r.json()["replaced"], r.json()["count"]) == (0, 1, before + 3)
+    # Lexical: the rare word, only in the upserted texts; the filter applies to it too.
+    lex = c.post("/search", json={"queries": ["quokka"], "mode": "lexical", "top_k": 5}).json()["results"][0]
+    assert {(h["doc_id"], h["text"]) for h in lex} == {("web-1", "a quokka eats an apple"),
+                                                      ("book-1", "she reads a book about a quokka")}
+    lex = c.post("/search", json={"queries": ["quokka"], "mode": "lexical", "where": {"src": "web"}}).json()
+    assert [h["doc_id"] for h in lex["results"][0]] == ["web-1"]
+    # Dense with filters: only matching documents, filled up to what exists.
+    for where, want in (({"src": {"in": ["web", "book"]}, "year": {"lt": 2010}}, {"web-1", "book-1"}),
+                        ({"year": {"gte": 2010}}, {"web-2"}), ({"src": "nowhere"}, set())):
+        for mode in ("dense", "hybrid"):
+            r = c.post("/search", json={"queries": ["a quokka"], "top_k": 10, "where": where, "mode": mode})
+            assert r.status_code == 200, r.text
+            assert {h["doc_id"] for h in r.json()["results"][0]} == want, (where, mode)
+    # Texts added by /add carry no doc id.
+    hit = c.post("/search", json={"queries": [TEXTS[0]], "top_k": 1}).json()["results"][0][0]
+    assert hit["doc_id"] is None and hit["id"] == 0
+    r = c.post("/delete", json={"doc_ids": ["web-1", "nope"], "ids": [10**9]}, headers=AUTH)
+    assert r.json() == {"deleted": 1, "count": before + 2, "saved": True}
+    reloaded = SearchIndex.load(path)
+    assert set(reloaded.get_docs(["web-1", "web-2", "book-1"])) == {"web-2", "book-1"}
+    assert c.post("/delete", json={"doc_ids": ["web-2", "book-1"]}, headers=AUTH).json()["count"] == before
+
+
 @pytest.mark.parametrize(
     ("endpoint", "body", "status", "needle"),
     [
@@ -169,6 +208,19 @@ def test_add_delete_persist(served: dict) -> None:
         ("/add", {"texts": ["a", "b"], "metadata": [{}]}, 422, "metadata has 1 entries for 2 texts"),
         ("/add", {"texts": ["a"], "metadata": ["not an object"]}, 422, "metadata"),
         ("/delete", {"ids": ["x"]}, 422, "ids"),
+        ("/delete", {}, 422, "give ids and/or doc_ids"),
+        ("/delete", {"ids": []}, 422, "at least 1"),
+        ("/delete", {"doc_ids": [" "]}, 422, "doc id is empty"),
+        ("/upsert", {"documents": [{"text": "no id"}]}, 422, "id"),
+        ("/upsert", {"documents": [{"id": "a", "text": "t", "extra": 1}]}, 422, "extra"),
+        ("/search", {"queries": ["a"], "where": {"year": {"between": [1, 2]}}}, 422, "unknown operator 'between'"),
+        ("/search", {"queries": ["a"], "where": {"a b": 1}}, 422, "not a field name"),
+        ("/search", {"queries": ["a"], "where": {"year": {"gt": True}}}, 422, "needs a number or a string"),
+        ("/search", {"queries": ["a"], "where": {"year": {"in": []}}}, 422, "'in' needs a list"),
+        ("/search", {"queries": ["a"], "where": {"year": None}}, 422, "string, number or boolean"),
+        ("/search", {"queries": ["a"], "where": ["year"]}, 422, "where"),
+        ("/search", {"queries": ["a"], "mode": "bm25"}, 422, "mode"),
+        ("/search", {"queries": ["a"], "mode": "lexical", "threshold": 0.5}, 422, "threshold is a cosine similarity"),
     ],
 )
 def test_invalid_bodies(served: dict, endpoint: str, body: dict, status: int, needle: str) -> None:
@@ -232,6 +284,8 @@ def test_writes_need_the_api_key(served: dict, encoder: Encoder) -> None:
         assert r.status_code == 401, (headers, r.text)
         assert "API key" in r.json()["detail"] and r.headers["www-authenticate"] == "Bearer"
         assert c.post("/delete", json={"ids": [0]}, headers=headers).status_code == 401
+        assert c.post("/delete", json={"doc_ids": ["a"]}, headers=headers).status_code == 401
+        assert c.post("/upsert", json={"documents": [{"id": "k", "text": "guarded"}]}, headers=headers).status_code == 401
     assert c.get("/health").json()["count"] == count
     r = c.post("/add", json=body, headers={"X-API-Key": KEY})
     assert r.status_code == 200, r.text
@@ -242,7 +296,8 @@ def test_writes_need_the_api_key(served: dict, encoder: Encoder) -> None:
     index = SearchIndex.create(encoder.dim, "flat", encoder=encoder)
     index.add(["a read-only index"])
     with uvicorn_thread(create_app(index, persist="never")) as ro:
-        for endpoint, payload in (("/add", body), ("/delete", {"ids": [0]})):
+        for endpoint, payload in (("/add", body), ("/delete", {"ids": [0]}),
+                                  ("/upsert", {"documents": [{"id": "k", "text": "guarded"}]})):
             for headers in ({}, AUTH):
                 r = ro.post(endpoint, json=payload, headers=headers)
                 assert r.status_code == 403 and "--api-key" in r.json()["detail"], r.text
@@ -315,15 +370,24 @@ def test_openapi_states_what_is_enforced(served: dict) -> None:
     spec = served["client"].get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
     text = schemas["SearchRequest"]["properties"]["queries"]["items"]
-    assert text == {"type": "string", "maxLength": 200, "pattern": "\\S"}
+    assert text == {"type": "string", "maxLength": 200, "pattern": NON_BLANK}
     assert schemas["SearchRequest"]["properties"]["queries"]["maxItems"] == 8
     ids = schemas["DeleteRequest"]["properties"]["ids"]["items"]
     assert ids["minimum"] == 0 and 2**50 < ids["maximum"] < 2**63
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
-    for path in ("/search", "/encode", "/similarity", "/add", "/delete"):
+    search = schemas["SearchRequest"]
+    assert search["properties"]["mode"]["enum"] == ["dense", "lexical", "hybrid"]
+    where = search["properties"]["where"]["anyOf"][0]
+    assert where["propertyNames"]["pattern"].startswith("^") and where["maxProperties"] == 32
+    ops = where["additionalProperties"]["anyOf"][-1]
+    assert set(ops["properties"]) == {"eq", "ne", "in", "gt", "gte", "lt", "lte"} and ops["additionalProperties"] is False
+    assert search["not"]["properties"]["mode"] == {"const": "lexical"}  # no threshold with BM25 alone
+    assert schemas["DeleteRequest"]["anyOf"] == [{"required": ["ids"]}, {"required": ["doc_ids"]}]
+    assert schemas["Document"]["required"] == ["id", "text"] and "doc_id" in schemas["Hit"]["properties"]
+    for path in ("/search", "/encode", "/similarity", "/add", "/upsert", "/delete"):
         responses = set(spec["paths"][path]["post"]["responses"])
         assert {"200", "400", "413", "422"} <= responses, (path, responses)
-        if path in ("/add", "/delete"):
+        if path in ("/add", "/upsert", "/delete"):
             assert {"401", "403", "503"} <= responses
             assert spec["paths"][path]["post"]["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}]
 

@@ -270,11 +270,10 @@ def test_dev_set_scores_alignment_uniformity_and_user_dev_file(
     tiny_bert_dir: str, corpus: Path, tmp_path: Path, data_dir: Path
 ) -> None:
     """STS-B dev logs alignment/uniformity (equal to a recomputation on the export); --dev-file selects the best."""
-    from senteval_runner.sts import StsbDevEvaluator
-
     from diffcse.core.encoder import Encoder
     from diffcse.core.metrics import alignment, uniformity
     from diffcse.training.trainer import train
+    from senteval_runner.sts import StsbDevEvaluator
 
     out = tmp_path / "stsb"
     summary = train(tiny_config(tiny_bert_dir, corpus, out, do_eval=True, eval_steps=2, max_steps=4,

@@ -5,13 +5,14 @@ from __future__ import annotations
 from diffcse.search.errors import (
     CorruptIndexError,
     EmptyQueryError,
+    FilterError,
     IndexConflictError,
     IndexFormatError,
     IndexLockedError,
     IndexMismatchError,
     SearchIndexError,
 )
-from diffcse.search.index import SearchIndex, SearchResult
+from diffcse.search.index import SearchIndex, SearchResult, UpsertResult, reciprocal_rank_fusion
 from diffcse.search.manifest import FORMAT_VERSION, KINDS, Manifest, read_manifest
 from diffcse.search.rwlock import index_lock, lock_holder
 
@@ -20,6 +21,7 @@ __all__ = [
     "KINDS",
     "CorruptIndexError",
     "EmptyQueryError",
+    "FilterError",
     "IndexConflictError",
     "IndexFormatError",
     "IndexLockedError",
@@ -28,7 +30,9 @@ __all__ = [
     "SearchIndex",
     "SearchIndexError",
     "SearchResult",
+    "UpsertResult",
     "index_lock",
     "lock_holder",
     "read_manifest",
+    "reciprocal_rank_fusion",
 ]

@@ -1,4 +1,4 @@
-"""`diffcse encode`, `diffcse index build|add|delete|info`, `diffcse search` and `diffcse serve`."""
+"""`diffcse encode`, `diffcse index build|add|upsert|delete|info|upgrade`, `diffcse search` and `diffcse serve`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,34 @@ if TYPE_CHECKING:
 
 POOLER_CHOICES = ("st", "cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
 ENCODING_ERRORS = ("strict", "replace")
+SEARCH_MODES = ("dense", "lexical", "hybrid")
+
+
+def parse_where(values: list[str]) -> dict | None:
+    """--where JSON (repeatable): JSON objects of field: condition, merged (all must hold); null = no filter."""
+    from diffcse.search.filters import compile_where
+
+    merged: dict = {}
+    for text in values:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"--where {text!r}: not valid JSON ({err.msg})") from None
+        if obj is None:
+            continue
+        if not isinstance(obj, dict):
+            raise InputError(f"--where {text!r}: expected a JSON object of field: condition, got {type(obj).__name__}")
+        twice = sorted(set(merged) & set(obj))
+        if twice:
+            raise InputError(f"--where: field(s) {', '.join(twice)} given twice; put both conditions in one object")
+        merged.update(obj)
+    compile_where(merged)  # a bad condition is an error naming it before any model loads
+    return merged or None
+
+
+def format_where(where: dict | None) -> list[str]:
+    """The --where value that parse_where reads back as where."""
+    return [json.dumps(where, ensure_ascii=False)]
 
 
 @dataclass(kw_only=True)
@@ -64,6 +92,8 @@ class BuildConfig(ModelOptions):
     M: int | None = opt(None, "hnsw: links per node (default 32)", min=1)
     ef_construction: int | None = opt(None, "hnsw: build-time beam (default 80)", min=1)
     ef_search: int | None = opt(None, "hnsw: default query-time beam (default 128)", min=1)
+    compact_threshold: float | None = opt(None, "hnsw: rebuild the graph at a save once deleted vectors pass this "
+                                          "share of it (default 0.2)", min=0.0, max=1.0)
     pq_m: int | None = opt(None, "ivfpq: sub-quantizers, must divide the dimension", min=1)
     nbits: int | None = opt(None, "ivfpq: bits per sub-quantizer code (default 8)", min=1)
     train_size: int | None = opt(None, "ivf/ivfpq: training sample size (default 100000)", min=1)
@@ -75,7 +105,8 @@ class BuildConfig(ModelOptions):
     def params(self) -> dict:
         """The index parameters given (faiss names)."""
         names = {"nlist": "nlist", "nprobe": "nprobe", "M": "M", "ef_construction": "ef_construction",
-                 "ef_search": "ef_search", "pq_m": "m", "nbits": "nbits", "train_size": "train_size"}
+                 "ef_search": "ef_search", "pq_m": "m", "nbits": "nbits", "train_size": "train_size",
+                 "compact_threshold": "compact_threshold"}
         from diffcse.search.index import DEFAULT_PARAMS
 
         given = {faiss_name: getattr(self, ours) for ours, faiss_name in names.items() if getattr(self, ours) is not None}
@@ -98,11 +129,36 @@ class AddConfig(ModelOptions):
 
 
 @dataclass(kw_only=True)
+class UpsertConfig(ModelOptions):
+    """Options of `diffcse index upsert`."""
+
+    input: str = opt(help='JSON lines {"id": ..., "text": ..., "metadata": {...}}: new ids are added, known ids replaced')
+    index_dir: str = opt(help="the index directory")
+    chunk_size: int = opt(8192, "documents encoded and upserted per step (bounds memory)", min=1)
+    encoding_errors: str = opt("strict", "invalid UTF-8 in the input: an error, or replaced", choices=ENCODING_ERRORS)
+    lock_timeout: float = opt(60.0, "seconds to wait while another process writes the index, then fail naming it", min=0)
+
+
+@dataclass(kw_only=True)
 class DeleteConfig(RuntimeOptions):
     """Options of `diffcse index delete`."""
 
     index_dir: str = opt(help="the index directory")
-    ids: list[int] = opt(help="ids to remove", min=0, max=2**63 - 1)
+    ids: list[int] = opt(default_factory=list, help="internal ids to remove", min=0, max=2**63 - 1)
+    doc_ids: list[str] = opt(default_factory=list, help="document ids (given at upsert) to remove")
+    lock_timeout: float = opt(60.0, "seconds to wait while another process writes the index, then fail naming it", min=0)
+
+    def validate(self) -> None:
+        """Something to delete."""
+        if not self.ids and not self.doc_ids:
+            raise InputError("give --ids and/or --doc-ids")
+
+
+@dataclass(kw_only=True)
+class UpgradeConfig:
+    """Options of `diffcse index upgrade`."""
+
+    index_dir: str = opt(help="the index directory")
     lock_timeout: float = opt(60.0, "seconds to wait while another process writes the index, then fail naming it", min=0)
 
 
@@ -125,6 +181,11 @@ class SearchConfig(ModelOptions):
     threshold: float | None = opt(None, "drop hits with cosine below this", min=-1.0, max=1.0)
     nprobe: int | None = opt(None, "ivf/ivfpq: lists to search", min=1)
     ef_search: int | None = opt(None, "hnsw: search beam", min=1)
+    where: dict | None = opt(None, 'metadata filter, a JSON object: {"lang": "en"}, {"lang": {"in": ["en", "de"]}}, '
+                             '{"year": {"gte": 2000, "lt": 2010}} (ops eq ne in gt gte lt lte; fields AND-ed; repeatable)',
+                             parse=parse_where, format=format_where, metavar="JSON")
+    mode: str = opt("dense", "rank by embeddings, by BM25 over the words (needs no model), or both fused (RRF)",
+                    choices=SEARCH_MODES)
     json: bool = opt(False, "print JSON instead of a table")
     verify: bool = opt(True, "check the files' sha256 when loading")
 
@@ -179,8 +240,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p_index.add_subparsers(dest="index_command", required=True)
     add_command(sub, "build", BuildConfig, run_build, help="encode a text file and write a new index directory")
     add_command(sub, "add", AddConfig, run_add, help="encode more texts into an existing index")
-    add_command(sub, "delete", DeleteConfig, run_delete, help="remove items by id")
+    add_command(sub, "upsert", UpsertConfig, run_upsert,
+                help="add or replace documents under your own ids, from JSON lines with id, text and metadata")
+    add_command(sub, "delete", DeleteConfig, run_delete, help="remove items by id or by document id")
     add_command(sub, "info", InfoConfig, run_info, help="print an index's manifest facts as JSON")
+    add_command(sub, "upgrade", UpgradeConfig, run_upgrade,
+                help="rewrite an index of an older format in the current one (document ids, full-text index)")
     add_command(subparsers, "search", SearchConfig, run_search, help="query an index with one or more sentences")
     add_command(subparsers, "serve", ServeConfig, run_serve, help="serve an index over HTTP (OpenAPI docs at /docs)")
     add_command(subparsers, "mine", MineConfig, run_mine,
@@ -195,6 +260,23 @@ def _setup(cfg: RuntimeOptions) -> str:
     return runtime.setup(cfg.threads, cfg.device)
 
 
+def _json_record(text: str, where: str, fields: tuple[str, ...]) -> dict:
+    """One JSON-lines record: an object with a non-empty 'text', an object (or no) 'metadata', no unknown fields."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+        raise InputError(f"{where}: expected an object with a non-empty string field 'text'")
+    extra = set(obj) - set(fields)
+    if extra:
+        raise InputError(f"{where}: unknown field(s) {', '.join(sorted(extra))}; put them under 'metadata'")
+    meta = obj.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise InputError(f"{where}: field 'metadata' must be an object")
+    return obj
+
+
 def iter_input(path: str | Path, encoding_errors: str = "strict") -> Iterator[tuple[str, dict | None]]:
     """Stream (text, metadata) from a .txt (one per line) or .jsonl file; errors name file:line."""
     from diffcse.core.io import iter_lines
@@ -204,20 +286,29 @@ def iter_input(path: str | Path, encoding_errors: str = "strict") -> Iterator[tu
         if not jsonl:
             yield line.text, None
             continue
+        obj = _json_record(line.text, f"{path}:{line.lineno}", ("text", "metadata"))
+        yield obj["text"].strip(), obj.get("metadata")
+
+
+def iter_documents(path: str | Path, encoding_errors: str = "strict") -> Iterator[tuple[str, str, dict | None]]:
+    """Stream (doc id, text, metadata) from JSON lines {"id", "text", "metadata"}; an integer id is taken as its digits."""
+    from diffcse.core.io import iter_lines
+    from diffcse.search.errors import SearchIndexError
+    from diffcse.search.index import check_doc_ids
+
+    for line in iter_lines(path, "input file", encoding_errors):
         where = f"{path}:{line.lineno}"
+        obj = _json_record(line.text, where, ("id", "text", "metadata"))
+        doc = obj.get("id")
+        if isinstance(doc, int) and not isinstance(doc, bool):
+            doc = str(doc)
+        if not isinstance(doc, str) or not doc.strip():
+            raise InputError(f"{where}: field 'id' must be a non-empty string (or an integer)")
         try:
-            obj = json.loads(line.text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
-            raise InputError(f"{where}: expected an object with a non-empty string field 'text'")
-        extra = set(obj) - {"text", "metadata"}
-        if extra:
-            raise InputError(f"{where}: unknown field(s) {', '.join(sorted(extra))}; put them under 'metadata'")
-        meta = obj.get("metadata")
-        if meta is not None and not isinstance(meta, dict):
-            raise InputError(f"{where}: field 'metadata' must be an object")
-        yield obj["text"].strip(), meta
+            check_doc_ids([doc])
+        except SearchIndexError as err:
+            raise InputError(f"{where}: field 'id': {str(err).removeprefix('doc id #0 ')}") from None
+        yield doc, obj["text"].strip(), obj.get("metadata")
 
 
 def _first_pass(path: str, encoding_errors: str, sample_size: int, seed: int) -> tuple[int, list[str]]:
@@ -354,6 +445,36 @@ def run_add(cfg: AddConfig) -> int:
     return 0
 
 
+def run_upsert(cfg: UpsertConfig) -> int:
+    """Entry point of `diffcse index upsert`: as the index's one writer, stream the documents in chunks, then save."""
+    from diffcse.core.io import check_input_file
+    from diffcse.search.index import SearchIndex, check_index_dir
+    from diffcse.search.manifest import read_manifest
+
+    device = _setup(cfg)
+    index_dir = check_index_dir(cfg.index_dir)
+    check_input_file(cfg.input)
+    t0 = time.perf_counter()
+    encoder = _load_encoder(cfg, device, read_manifest(index_dir), cfg.index_dir)
+    index = SearchIndex.load(index_dir, encoder=encoder)
+    n = added = replaced = 0
+    try:
+        with index.writer(timeout=cfg.lock_timeout, command=f"diffcse index upsert --input {cfg.input}"):
+            stream = iter_documents(cfg.input, cfg.encoding_errors)
+            # Chunk by chunk, in file order: an id repeated later in the file replaces its earlier line.
+            while chunk := list(itertools.islice(stream, cfg.chunk_size)):
+                res = index.upsert([d for d, _, _ in chunk], [t for _, t, _ in chunk], [m for _, _, m in chunk],
+                                   batch_size=cfg.batch_size, chunk_size=cfg.chunk_size)
+                n, added, replaced = n + len(chunk), added + res.added, replaced + res.replaced
+            if not n:
+                raise InputError(f"input file {cfg.input} has no documents")
+        print(f"upserted {n} documents ({added} new, {replaced} replaced) into {cfg.index_dir}: {len(index)} in all, "
+              f"{time.perf_counter() - t0:.1f}s")
+    finally:
+        index.close()
+    return 0
+
+
 def run_delete(cfg: DeleteConfig) -> int:
     """Entry point of `diffcse index delete`: as the index's one writer, on the index as it is on disk."""
     from diffcse.search.index import SearchIndex, check_index_dir
@@ -362,9 +483,34 @@ def run_delete(cfg: DeleteConfig) -> int:
     index_dir = check_index_dir(cfg.index_dir)
     index = SearchIndex.load(index_dir)
     try:
-        with index.writer(timeout=cfg.lock_timeout, command=f"diffcse index delete ({len(cfg.ids)} ids)"):
-            n = index.delete(cfg.ids)
-        print(f"deleted {n} of {len(set(cfg.ids))} ids; {len(index)} left in {cfg.index_dir}")
+        what = f"{len(cfg.ids)} ids, {len(cfg.doc_ids)} doc ids"
+        with index.writer(timeout=cfg.lock_timeout, command=f"diffcse index delete ({what})"):
+            n = index.delete(cfg.ids) if cfg.ids else 0
+            m = index.delete_ids(cfg.doc_ids) if cfg.doc_ids else 0
+        parts = [f"{n} of {len(set(cfg.ids))} ids"] if cfg.ids else []
+        parts += [f"{m} of {len(set(cfg.doc_ids))} doc ids"] if cfg.doc_ids else []
+        print(f"deleted {' and '.join(parts)}; {len(index)} left in {cfg.index_dir}")
+    finally:
+        index.close()
+    return 0
+
+
+def run_upgrade(cfg: UpgradeConfig) -> int:
+    """Entry point of `diffcse index upgrade`: load (which upgrades in memory) and save as the one writer."""
+    from diffcse.core import runtime
+    from diffcse.search.index import SearchIndex, check_index_dir
+    from diffcse.search.manifest import FORMAT_VERSION
+
+    runtime.quiet_openmp()
+    index_dir = check_index_dir(cfg.index_dir)
+    index = SearchIndex.load(index_dir)
+    try:
+        with index.writer(timeout=cfg.lock_timeout, command="diffcse index upgrade"):
+            before = index.manifest.format_version
+        if before < FORMAT_VERSION:
+            print(f"upgraded {cfg.index_dir} from format {before} to {FORMAT_VERSION} ({len(index)} texts)")
+        else:
+            print(f"{cfg.index_dir} is already format {FORMAT_VERSION}")
     finally:
         index.close()
     return 0
@@ -394,9 +540,14 @@ def run_search(cfg: SearchConfig) -> int:
         queries += [t for t, _ in iter_input(cfg.queries_file)]
     if not queries:
         raise EmptyQueryError("no query given: pass --query TEXT (repeatable) or --queries-file")
-    encoder = _load_encoder(cfg, device, read_manifest(cfg.index_dir), cfg.index_dir)
+    # BM25 alone needs no model: none is loaded for it.
+    encoder = None if cfg.mode == "lexical" else _load_encoder(cfg, device, read_manifest(cfg.index_dir), cfg.index_dir)
     index = SearchIndex.load(cfg.index_dir, encoder=encoder, verify=cfg.verify)
-    results = index.search(queries, top_k=cfg.top_k, threshold=cfg.threshold, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    try:
+        results = index.search(queries, top_k=cfg.top_k, threshold=cfg.threshold, nprobe=cfg.nprobe,
+                               ef_search=cfg.ef_search, where=cfg.where, mode=cfg.mode)
+    finally:
+        index.close()
     if cfg.json:
         out = [{"query": q, "results": [h._asdict() for h in hits]} for q, hits in zip(queries, results, strict=True)]
         print(json.dumps(out, ensure_ascii=False, indent=2))
@@ -407,8 +558,8 @@ def run_search(cfg: SearchConfig) -> int:
                 print("   (no hits" + (f" with score >= {cfg.threshold})" if cfg.threshold is not None else ")"))
             for rank, h in enumerate(hits, start=1):
                 meta = f"  {json.dumps(h.metadata, ensure_ascii=False)}" if h.metadata else ""
-                print(f"  {rank:>3}  {h.score:.4f}  [{h.id}]  {h.text}{meta}")
-    index.close()
+                doc = f" {h.doc_id}" if h.doc_id is not None else ""
+                print(f"  {rank:>3}  {h.score:.4f}  [{h.id}{doc}]  {h.text}{meta}")
     return 0
 
 

@@ -29,3 +29,7 @@ class IndexLockedError(SearchIndexError):
 
 class IndexConflictError(SearchIndexError):
     """Another process saved the index since this copy was loaded, and this copy has unsaved changes."""
+
+
+class FilterError(SearchIndexError):
+    """A metadata filter (`where`) names a bad field, operator or value."""

@@ -5,7 +5,7 @@ the manifest, written last by temp file + rename, is what names the live generat
 
     idx/manifest.json              model, dim, metric, kind, params, count, files + checksums
     idx/gen-000003-1a2b3c4d/index.faiss
-    idx/gen-000003-1a2b3c4d/store.sqlite
+    idx/gen-000003-1a2b3c4d/store.sqlite   texts, metadata, document ids, tombstones, FTS5 index
     idx/.lock                      the writer lock (flock), naming the process that holds it
 
 One writer per directory: every write to disk (save(), and writer() around a whole update) holds
@@ -42,7 +42,9 @@ from diffcse.search.errors import (
     IndexMismatchError,
     SearchIndexError,
 )
+from diffcse.search.filters import Where, compile_where
 from diffcse.search.manifest import (
+    FORMAT_VERSION,
     GENERATION_RE,
     INDEX_FILE,
     KINDS,
@@ -53,7 +55,7 @@ from diffcse.search.manifest import (
     read_manifest,
 )
 from diffcse.search.rwlock import RWLock, index_lock
-from diffcse.search.store import TextStore
+from diffcse.search.store import TextStore, fts_query
 
 if TYPE_CHECKING:
     from diffcse.core.encoder import Encoder
@@ -61,24 +63,50 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IVF_KINDS = ("ivf", "ivfpq")
+MODES = ("dense", "lexical", "hybrid")
+DEFAULT_COMPACT_THRESHOLD = 0.2
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "flat": {},
-    "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
+    "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128, "compact_threshold": DEFAULT_COMPACT_THRESHOLD},
     "ivf": {"nlist": None, "nprobe": None, "train_size": 100_000},
     "ivfpq": {"nlist": None, "nprobe": None, "m": None, "nbits": 8, "train_size": 100_000},
 }
 DEFAULT_LOCK_TIMEOUT = 60.0
+# Parameters that are fractions in [0, 1], not counts.
+FRACTION_PARAMS = ("compact_threshold",)
+DEFAULT_RRF_K = 60
+# Hybrid search fuses each list down to this depth at least (top_k when larger).
+DEFAULT_FUSION_DEPTH = 50
+MAX_DOC_ID_CHARS = 256
 # A reader whose generation a writer swept between manifest read and file open retries this often.
 _OPEN_ATTEMPTS = 4
+# Vectors read back per step when an HNSW graph is rebuilt without its tombstones.
+_REBUILD_CHUNK = 65536
+# A filter matching under 1/100 of an HNSW index is searched exactly over the graph's flat storage:
+# the beam would have to cross ~ef/selectivity nodes to meet top_k matches in the graph.
+_HNSW_EXACT_SHARE = 100
 
 
 class SearchResult(NamedTuple):
-    """One hit: the stored id and text, the cosine score, and the metadata given at add time."""
+    """One hit: the stored id and text, the score, the metadata given at add time, and the user's document id if any.
+
+    The score is the cosine in mode 'dense', BM25 relevance (-bm25(), higher is better) in
+    'lexical', and the reciprocal-rank-fusion score in 'hybrid'.
+    """
 
     id: int
     text: str
     score: float
     metadata: dict | None
+    doc_id: str | None = None
+
+
+class UpsertResult(NamedTuple):
+    """What an upsert did: the internal id now holding each given document id, and how many were new or replaced."""
+
+    ids: list[int]
+    added: int
+    replaced: int
 
 
 def resolve_params(kind: str, params: dict | None) -> dict[str, Any]:
@@ -90,10 +118,31 @@ def resolve_params(kind: str, params: dict | None) -> dict[str, Any]:
         if name not in out:
             known = ", ".join(out) or "none"
             raise SearchIndexError(f"parameter {name!r} does not apply to kind {kind!r} (known: {known})")
+        if name in FRACTION_PARAMS:
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+            ):
+                raise SearchIndexError(f"parameter {name!r} must be a number in [0, 1], got {value!r}")
+            out[name] = DEFAULT_PARAMS[kind][name] if value is None else float(value)
+            continue
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise SearchIndexError(f"parameter {name!r} must be a positive integer, got {value!r}")
         out[name] = value
     return out
+
+
+def reciprocal_rank_fusion(ranked: Sequence[Sequence[int]], k: float = DEFAULT_RRF_K) -> list[tuple[int, float]]:
+    """Fuse ranked id lists (best first) by score = sum over lists of 1/(k + rank), rank from 1 (Cormack et al. 2009).
+
+    Ties go to the id with the better single rank, then the smaller id, so the order is deterministic.
+    """
+    scores: dict[int, float] = {}
+    best: dict[int, int] = {}
+    for ids in ranked:
+        for rank, doc in enumerate(ids, start=1):
+            scores[doc] = scores.get(doc, 0.0) + 1.0 / (k + rank)
+            best[doc] = min(best.get(doc, rank), rank)
+    return sorted(scores.items(), key=lambda item: (-item[1], best[item[0]], item[0]))
 
 
 def auto_nlist(n_expected: int, n_train: int) -> int:
@@ -142,6 +191,25 @@ def _check_texts(texts: Sequence[object], what: str) -> list[str]:
     return out
 
 
+def check_doc_ids(doc_ids: Sequence[object]) -> list[str]:
+    """Document ids as a list of non-blank strings (at most MAX_DOC_ID_CHARS); errors name the position."""
+    if isinstance(doc_ids, str):
+        raise SearchIndexError("doc ids must be a list of strings, not one string")
+    out = list(doc_ids)
+    for i, doc in enumerate(out):
+        if not isinstance(doc, str):
+            raise SearchIndexError(f"doc id #{i} is {type(doc).__name__}, not str")
+        if not doc.strip():
+            raise SearchIndexError(f"doc id #{i} is empty")
+        if len(doc) > MAX_DOC_ID_CHARS:
+            raise SearchIndexError(f"doc id #{i} has {len(doc)} characters; at most {MAX_DOC_ID_CHARS}")
+        try:
+            doc.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SearchIndexError(f"doc id #{i} is not valid Unicode (a lone surrogate)") from None
+    return out
+
+
 def _encode_metadata(metadata: Sequence[dict | None] | None, n: int) -> list[str | None]:
     """JSON-encode one metadata object (or None) per item; errors name the item."""
     if metadata is None:
@@ -161,6 +229,25 @@ def _encode_metadata(metadata: Sequence[dict | None] | None, n: int) -> list[str
         except (TypeError, ValueError) as err:
             raise SearchIndexError(f"metadata #{i} is not JSON-serialisable: {err}") from None
     return out
+
+
+def _check_mode(mode: object, threshold: object) -> None:
+    """mode one of MODES; a (cosine) threshold is meaningless for BM25 alone."""
+    if mode not in MODES:
+        raise SearchIndexError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "lexical" and threshold is not None:
+        raise SearchIndexError("threshold is a cosine similarity: it applies to modes 'dense' and 'hybrid', not 'lexical'")
+
+
+def _fusion_depth(top_k: int, rrf_k: object, depth: object) -> int:
+    """Check hybrid search's rrf_k and depth; the depth each list is fetched to."""
+    if isinstance(rrf_k, bool) or not isinstance(rrf_k, (int, float)) or not math.isfinite(rrf_k) or rrf_k < 0:
+        raise SearchIndexError(f"rrf_k must be a finite number >= 0, got {rrf_k!r}")
+    if depth is None:
+        return max(top_k, DEFAULT_FUSION_DEPTH)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < top_k:
+        raise SearchIndexError(f"depth must be an integer >= top_k ({top_k}), got {depth!r}")
+    return depth
 
 
 def _gpu_available() -> bool:
@@ -207,8 +294,24 @@ class SearchIndex:
         self._gpu_lock = threading.Lock()
         self._deleted_selector: faiss.IDSelector | None = None
         self._deleted_batch: faiss.IDSelector | None = None
+        # Bumped by every change in memory: a compaction built outside the exclusive lock is only
+        # swapped in if nothing changed meanwhile.
+        self._version = 0
+        self._upgrade_pending = False
+        self._positions: tuple[int, np.ndarray] | None = None
+        self._adopt(manifest, index, store)
+
+    def _adopt(self, manifest: Manifest, index: faiss.Index | None, store: TextStore) -> None:
+        """Take a manifest, faiss index and store as the live state (the caller holds the write lock or owns self)."""
         if manifest.kind == "hnsw":
-            self._set_tombstones(store.tombstones())
+            # Indexes written before compaction existed record no threshold.
+            manifest.params.setdefault("compact_threshold", DEFAULT_COMPACT_THRESHOLD)
+        self._manifest, self._index, self._store = manifest, index, store
+        # A format-1 index was upgraded in memory when it was opened; the next save writes format 2.
+        self._upgrade_pending = manifest.format_version < FORMAT_VERSION
+        self._set_tombstones(store.tombstones() if manifest.kind == "hnsw" else [])
+        self._gpu_dirty = True
+        self._version += 1
 
     # ----------------------------------------------------------------- creation
 
@@ -390,7 +493,8 @@ class SearchIndex:
                 if self._dirty:
                     self._discard_changes()
                 raise
-            if self._dirty:
+            # A format-1 index opened for writing is written as format 2 even if nothing else changed.
+            if self._dirty or self._upgrade_pending:
                 self._write(path)
 
     def _catch_up(self, target: Path) -> None:
@@ -424,9 +528,7 @@ class SearchIndex:
             raise
         with self._lock.write():
             old = self._store
-            self._manifest, self._index, self._store = manifest, index, store
-            self._set_tombstones(store.tombstones() if manifest.kind == "hnsw" else [])
-            self._gpu_dirty = True
+            self._adopt(manifest, index, store)
             self._dirty = False
         old.close()
 
@@ -439,37 +541,55 @@ class SearchIndex:
 
     def _write(self, target: Path) -> None:
         """Write a new generation into target and publish it; the caller holds target's writer lock."""
-        # Readers may keep searching while we write; only writers (add/delete) must wait.
-        with self._save_lock, self._lock.read():
-            previous = _generation_number(target)
-            staging = target / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            staging.mkdir()
-            try:
-                index_file = staging / INDEX_FILE
-                if self._index is not None:
-                    faiss.write_index(self._index, str(index_file))
-                else:
-                    index_file.write_bytes(b"")
-                with open(index_file, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                self._store.backup_to(staging / STORE_FILE)
-                files = {
-                    key: {"name": name, "bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
-                    for key, name in (("index", INDEX_FILE), ("store", STORE_FILE))
-                }
-                fsync_dir(staging)
-                generation = f"gen-{previous + 1:06d}-{uuid.uuid4().hex[:8]}"
-                os.replace(staging, target / generation)
-                fsync_dir(target)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            manifest = Manifest(**{**self._manifest.to_dict(), "generation": generation, "files": files, "updated_at": time.time()})
-            write_json_atomic(target / MANIFEST_NAME, manifest.to_dict())
-            self._manifest = manifest
-            self.path = target
-            self._dirty = False
-            _remove_stale(target, keep=generation)
+        with self._save_lock:
+            self._maybe_compact()
+            # Readers may keep searching while we write; only writers (add/delete) must wait.
+            with self._lock.read():
+                self._write_generation(target)
+
+    def _write_generation(self, target: Path) -> None:
+        """The files of a new generation, then the manifest naming it; under the read lock and the save lock."""
+        ntotal = int(self._index.ntotal) if self._index is not None else 0
+        if ntotal != self._manifest.ntotal or self._store.count() != self._manifest.count:
+            # Only a failed faiss step that could not be undone leaves memory like this: never
+            # publish it (the previous generation stays the live one).
+            raise CorruptIndexError(
+                f"not saved: faiss holds {ntotal} vectors and the store {self._store.count()} rows, but the index "
+                f"expects {self._manifest.ntotal} and {self._manifest.count}; reload it"
+            )
+        previous = _generation_number(target)
+        staging = target / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            index_file = staging / INDEX_FILE
+            if self._index is not None:
+                faiss.write_index(self._index, str(index_file))
+            else:
+                index_file.write_bytes(b"")
+            with open(index_file, "rb+") as fh:
+                os.fsync(fh.fileno())
+            self._store.backup_to(staging / STORE_FILE)
+            files = {
+                key: {"name": name, "bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
+                for key, name in (("index", INDEX_FILE), ("store", STORE_FILE))
+            }
+            fsync_dir(staging)
+            generation = f"gen-{previous + 1:06d}-{uuid.uuid4().hex[:8]}"
+            os.replace(staging, target / generation)
+            fsync_dir(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        manifest = Manifest(**{
+            **self._manifest.to_dict(), "generation": generation, "files": files, "updated_at": time.time(),
+            "format_version": FORMAT_VERSION,
+        })
+        write_json_atomic(target / MANIFEST_NAME, manifest.to_dict())
+        self._manifest = manifest
+        self.path = target
+        self._dirty = False
+        self._upgrade_pending = False
+        _remove_stale(target, keep=generation)
 
     # ----------------------------------------------------------------- encoder
 
@@ -564,21 +684,7 @@ class SearchIndex:
         if not self.is_trained:
             self._train(vecs, None, 0, strict=False)
         with self._lock.write():
-            start = self._manifest.next_id
-            ids = np.arange(start, start + len(texts), dtype=np.int64)
-            try:
-                self._store.add(ids.tolist(), texts, metas)
-                self._index.add_with_ids(vecs, ids)
-            except BaseException:
-                self._store.rollback()
-                raise
-            self._store.commit()
-            self._manifest.next_id = start + len(texts)
-            self._manifest.count += len(texts)
-            self._manifest.ntotal = int(self._index.ntotal)
-            self._gpu_dirty = True
-            self._dirty = True
-        return ids.tolist()
+            return self._apply([], vecs, texts, metas, None)
 
     def add(
         self,
@@ -600,32 +706,133 @@ class SearchIndex:
             ids += self.add_vectors(vecs, part, metas[start : start + chunk_size])
         return ids
 
+    def upsert_vectors(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        texts: Sequence[str],
+        metadata: Sequence[dict | None] | None = None,
+    ) -> UpsertResult:
+        """Insert or replace documents by the user's ids: an existing id's text, vector and metadata are replaced.
+
+        A repeated id counts once, with its last text (as if the upserts ran one after another).
+        """
+        doc_ids = check_doc_ids(ids)
+        texts = _check_texts(texts, "text")
+        vecs = _check_vectors(vectors, self._manifest.dim, "added")
+        if len(doc_ids) != len(texts):
+            raise SearchIndexError(f"got {len(doc_ids)} doc ids for {len(texts)} texts")
+        if len(vecs) != len(texts):
+            raise SearchIndexError(f"got {len(vecs)} vectors for {len(texts)} texts")
+        metas = _encode_metadata(metadata, len(texts))
+        if not texts:
+            return UpsertResult([], 0, 0)
+        keep = sorted({doc: i for i, doc in enumerate(doc_ids)}.values())
+        if not self.is_trained:
+            self._train(vecs, None, 0, strict=False)
+        with self._lock.write():
+            old = self._store.ids_for_docs(doc_ids[i] for i in keep)
+            new = self._apply(
+                list(old.values()), vecs[keep], [texts[i] for i in keep], [metas[i] for i in keep], [doc_ids[i] for i in keep]
+            )
+        by_doc = dict(zip((doc_ids[i] for i in keep), new, strict=True))
+        return UpsertResult([by_doc[doc] for doc in doc_ids], len(keep) - len(old), len(old))
+
+    def upsert(
+        self,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        metadata: Sequence[dict | None] | None = None,
+        batch_size: int = 64,
+        chunk_size: int = 8192,
+    ) -> UpsertResult:
+        """Encode texts with the attached encoder and upsert them under the user's ids (see upsert_vectors)."""
+        if isinstance(texts, str):
+            raise SearchIndexError("upsert() takes a list of strings, not one string")
+        doc_ids = check_doc_ids(ids)
+        texts = _check_texts(texts, "text")
+        if len(doc_ids) != len(texts):
+            raise SearchIndexError(f"got {len(doc_ids)} doc ids for {len(texts)} texts")
+        metas = list(metadata) if metadata is not None else [None] * len(texts)
+        _encode_metadata(metas, len(texts))  # fail before any encoding
+        # Repeats are settled before chunking, so a later chunk never replaces an earlier one.
+        keep = sorted({doc: i for i, doc in enumerate(doc_ids)}.values())
+        by_doc: dict[str, int] = {}
+        added = replaced = 0
+        for start in range(0, len(keep), chunk_size):
+            rows = keep[start : start + chunk_size]
+            part = [texts[i] for i in rows]
+            vecs = self.encoder.encode(part, batch_size=batch_size, normalize=True)
+            res = self.upsert_vectors([doc_ids[i] for i in rows], vecs, part, [metas[i] for i in rows])
+            by_doc.update(zip((doc_ids[i] for i in rows), res.ids, strict=True))
+            added, replaced = added + res.added, replaced + res.replaced
+        return UpsertResult([by_doc[doc] for doc in doc_ids], added, replaced)
+
     def delete(self, ids: Iterable[int]) -> int:
         """Remove items by id; returns how many existed. Unknown ids are ignored."""
         wanted = [int(i) for i in ids]
         with self._lock.write():
-            present = self._store.existing(wanted)
-            present = list(dict.fromkeys(present))
-            if not present:
-                return 0
-            hnsw = self._manifest.kind == "hnsw"
-            try:
-                self._store.delete(present, tombstone=hnsw)
-                if not hnsw:
-                    removed = self._index.remove_ids(np.asarray(present, dtype=np.int64))
-                    if removed != len(present):
-                        raise CorruptIndexError(f"faiss removed {removed} of {len(present)} ids present in the store")
-            except BaseException:
-                self._store.rollback()
-                raise
-            self._store.commit()
-            if hnsw:
-                self._set_tombstones(self._store.tombstones())
-            self._manifest.count -= len(present)
-            self._manifest.ntotal = int(self._index.ntotal)
-            self._gpu_dirty = True
-            self._dirty = True
+            present = list(dict.fromkeys(self._store.existing(wanted)))
+            if present:
+                self._apply(present, None, [], [], None)
             return len(present)
+
+    def delete_ids(self, ids: Sequence[str]) -> int:
+        """Remove documents by the user's ids; returns how many existed. Unknown ids are ignored."""
+        doc_ids = check_doc_ids(ids)
+        with self._lock.write():
+            found = self._store.ids_for_docs(doc_ids)
+            if found:
+                self._apply(sorted(found.values()), None, [], [], None)
+            return len(found)
+
+    def _apply(
+        self,
+        remove: list[int],
+        vecs: np.ndarray | None,
+        texts: Sequence[str],
+        metas: Sequence[str | None],
+        doc_ids: Sequence[str | None] | None,
+    ) -> list[int]:
+        """Under the write lock: remove ids and add rows, in the store and in faiss together; returns the new ids.
+
+        The store changes in one transaction, rolled back if faiss fails; faiss is changed after the
+        store (adds first, then removals), and an add is undone if the removal after it fails.
+        """
+        hnsw = self._manifest.kind == "hnsw"
+        start = self._manifest.next_id
+        new_ids = np.arange(start, start + len(texts), dtype=np.int64)
+        added = False
+        try:
+            if remove:
+                self._store.delete(remove, tombstone=hnsw)
+            if len(texts):
+                self._store.add(new_ids.tolist(), texts, metas, doc_ids)
+                self._index.add_with_ids(vecs, new_ids)
+                added = True
+            if remove and not hnsw:
+                removed = self._index.remove_ids(np.asarray(remove, dtype=np.int64))
+                if removed != len(remove):
+                    raise CorruptIndexError(f"faiss removed {removed} of {len(remove)} ids present in the store")
+        except BaseException:
+            self._store.rollback()
+            if added and not hnsw:
+                try:
+                    self._index.remove_ids(new_ids)
+                except Exception as err:  # noqa: BLE001 - the first error is the one to report
+                    # faiss now holds vectors the store does not: save() refuses (ntotal check).
+                    log.error("could not undo a partial faiss update (%s); reload the index", err)
+            raise
+        self._store.commit()
+        if hnsw and remove:
+            self._set_tombstones(self._store.tombstones())
+        self._manifest.next_id = start + len(texts)
+        self._manifest.count += len(texts) - len(remove)
+        self._manifest.ntotal = int(self._index.ntotal)
+        self._gpu_dirty = True
+        self._dirty = True
+        self._version += 1
+        return new_ids.tolist()
 
     def _set_tombstones(self, ids: list[int]) -> None:
         """HNSW cannot remove vectors: deleted ids are filtered inside the search instead."""
@@ -635,12 +842,86 @@ class SearchIndex:
         self._deleted_batch = faiss.IDSelectorBatch(np.asarray(ids, dtype=np.int64))
         self._deleted_selector = faiss.IDSelectorNot(self._deleted_batch)
 
+    def compact(self) -> int:
+        """HNSW: rebuild the graph from the live vectors now, dropping every tombstone; returns how many were dropped.
+
+        Other kinds remove vectors on delete and have nothing to compact (0). save() compacts by
+        itself when tombstones pass the index's compact_threshold share of the graph.
+        """
+        if self._manifest.kind != "hnsw" or self._index is None:
+            return 0
+        with self._lock.write():
+            if self._manifest.ntotal == self._manifest.count:
+                return 0
+            fresh, dropped = self._rebuild_hnsw()
+            self._swap_compacted(fresh, dropped)
+            return len(dropped)
+
+    def _maybe_compact(self) -> None:
+        """Before a save: rebuild an HNSW graph whose tombstones pass compact_threshold of its vectors."""
+        if self._manifest.kind != "hnsw" or self._index is None:
+            return
+        # Built under the shared lock, so searches go on; writers wait, and swapped in only if
+        # nothing changed between the two locks (else the next save compacts).
+        with self._lock.read():
+            m = self._manifest
+            dead = m.ntotal - m.count
+            if dead <= 0 or dead / m.ntotal <= m.params.get("compact_threshold", DEFAULT_COMPACT_THRESHOLD):
+                return
+            version = self._version
+            fresh, dropped = self._rebuild_hnsw()
+        with self._lock.write():
+            if self._version != version:
+                log.info("index changed during HNSW compaction; compacting at the next save instead")
+                return
+            self._swap_compacted(fresh, dropped)
+        log.info("compacted the HNSW graph: dropped %d deleted vectors, %d left", len(dropped), fresh.ntotal)
+
+    def _rebuild_hnsw(self) -> tuple[faiss.Index, list[int]]:
+        """A new HNSW index of the live vectors, read back from the current one (IndexHNSWFlat keeps them exactly)."""
+        old = self._index
+        inner = faiss.downcast_index(old.index)
+        ids = faiss.vector_to_array(old.id_map).astype(np.int64)
+        dead = np.asarray(self._store.tombstones(), dtype=np.int64)
+        keep = ~np.isin(ids, dead)
+        fresh = self._new_faiss("hnsw", self._manifest.dim, self._manifest.params)
+        for start in range(0, len(ids), _REBUILD_CHUNK):
+            stop = min(start + _REBUILD_CHUNK, len(ids))
+            mask = keep[start:stop]
+            if mask.any():
+                fresh.add_with_ids(inner.reconstruct_n(start, stop - start)[mask], ids[start:stop][mask])
+        if fresh.ntotal != self._manifest.count:
+            raise CorruptIndexError(
+                f"HNSW rebuild kept {fresh.ntotal} vectors but the store has {self._manifest.count} live rows"
+            )
+        return fresh, dead.tolist()
+
+    def _swap_compacted(self, fresh: faiss.Index, dropped: list[int]) -> None:
+        """Under the write lock: make the rebuilt graph live and forget its tombstones."""
+        try:
+            self._store.clear_tombstones(dropped)
+        except BaseException:
+            self._store.rollback()
+            raise
+        self._store.commit()
+        self._index = fresh
+        self._set_tombstones([])
+        self._manifest.ntotal = int(fresh.ntotal)
+        self._gpu_dirty = True
+        self._dirty = True
+        self._version += 1
+
+
     # ----------------------------------------------------------------- reads
 
     @overload
-    def search(self, queries: str, top_k: int = ..., threshold: float | None = ..., nprobe: int | None = ..., ef_search: int | None = ...) -> list[SearchResult]: ...
+    def search(self, queries: str, top_k: int = ..., threshold: float | None = ..., nprobe: int | None = ...,
+               ef_search: int | None = ..., where: dict | None = ..., mode: str = ..., rrf_k: float = ...,
+               depth: int | None = ...) -> list[SearchResult]: ...
     @overload
-    def search(self, queries: Sequence[str], top_k: int = ..., threshold: float | None = ..., nprobe: int | None = ..., ef_search: int | None = ...) -> list[list[SearchResult]]: ...
+    def search(self, queries: Sequence[str], top_k: int = ..., threshold: float | None = ..., nprobe: int | None = ...,
+               ef_search: int | None = ..., where: dict | None = ..., mode: str = ..., rrf_k: float = ...,
+               depth: int | None = ...) -> list[list[SearchResult]]: ...
 
     def search(
         self,
@@ -649,15 +930,36 @@ class SearchIndex:
         threshold: float | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        where: dict | None = None,
+        mode: str = "dense",
+        rrf_k: float = DEFAULT_RRF_K,
+        depth: int | None = None,
     ) -> list[SearchResult] | list[list[SearchResult]]:
-        """Top-k most similar stored texts (score >= threshold) per query; one query -> one list."""
+        """Top-k stored texts per query among those whose metadata passes `where`; one query -> one list.
+
+        mode 'dense': by cosine (score >= threshold); 'lexical': by BM25 over the texts; 'hybrid':
+        reciprocal rank fusion of both lists, each fetched to `depth` (default max(top_k, 50)).
+        """
         single = isinstance(queries, str)
         batch = _check_texts([queries] if single else list(queries), "query")
         if not batch:
             raise EmptyQueryError("no queries given")
         self._check_search_args(top_k, threshold)
-        vecs = self.encoder.encode(batch, normalize=True)
-        results = self.search_vectors(vecs, top_k=top_k, threshold=threshold, nprobe=nprobe, ef_search=ef_search)
+        _check_mode(mode, threshold)
+        # Bad arguments fail before any encoding.
+        compile_where(where)
+        if mode == "hybrid":
+            _fusion_depth(top_k, rrf_k, depth)
+        if mode == "lexical":
+            results = self.search_lexical(batch, top_k=top_k, where=where)
+        else:
+            vecs = self.encoder.encode(batch, normalize=True)
+            if mode == "dense":
+                results = self.search_vectors(vecs, top_k=top_k, threshold=threshold, nprobe=nprobe,
+                                              ef_search=ef_search, where=where)
+            else:
+                results = self.search_hybrid(vecs, batch, top_k=top_k, threshold=threshold, nprobe=nprobe,
+                                             ef_search=ef_search, where=where, rrf_k=rrf_k, depth=depth)
         return results[0] if single else results
 
     def search_vectors(
@@ -667,16 +969,18 @@ class SearchIndex:
         threshold: float | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        where: dict | None = None,
     ) -> list[list[SearchResult]]:
-        """Top-k hits per query vector (normalised here), scores descending, each >= threshold."""
+        """Top-k hits per query vector (normalised here), scores descending, each >= threshold, metadata passing `where`."""
         q = _check_vectors(queries, self._manifest.dim, "query")
         if len(q) == 0:
             raise EmptyQueryError("no query vectors given")
         self._check_search_args(top_k, threshold)
+        compiled = compile_where(where)
         with self._lock.read():
-            scores, labels = self._raw_search(q, top_k, nprobe, ef_search)
+            scores, labels = self._dense(q, top_k, nprobe, ef_search, self._allowed(compiled))
             found = labels[labels >= 0]
-            rows = self._store.get(found.tolist()) if found.size else {}
+            rows = self._store.rows(found.tolist()) if found.size else {}
         out: list[list[SearchResult]] = []
         for drow, lrow in zip(scores, labels, strict=True):
             hits: list[SearchResult] = []
@@ -687,9 +991,81 @@ class SearchIndex:
                     continue
                 row = rows.get(label)
                 if row is not None:
-                    hits.append(SearchResult(int(label), row[0], float(score), row[1]))
+                    hits.append(SearchResult(int(label), row[0], float(score), row[1], row[2]))
             out.append(hits)
         return out
+
+    @overload
+    def search_lexical(self, queries: str, top_k: int = ..., where: dict | None = ...) -> list[SearchResult]: ...
+    @overload
+    def search_lexical(self, queries: Sequence[str], top_k: int = ..., where: dict | None = ...) -> list[list[SearchResult]]: ...
+
+    def search_lexical(
+        self,
+        queries: str | Sequence[str],
+        top_k: int = 10,
+        where: dict | None = None,
+    ) -> list[SearchResult] | list[list[SearchResult]]:
+        """Top-k stored texts per query by BM25 (SQLite FTS5) over their words; needs no encoder.
+
+        Each word of a query is searched for as a quoted term (any word may match): FTS5 operators
+        in a query are plain words. A query without words finds nothing.
+        """
+        single = isinstance(queries, str)
+        batch = _check_texts([queries] if single else list(queries), "query")
+        if not batch:
+            raise EmptyQueryError("no queries given")
+        self._check_search_args(top_k, None)
+        compiled = compile_where(where)
+        with self._lock.read():
+            ranked = [self._lexical(text, top_k, compiled) for text in batch]
+            rows = self._store.rows(i for hits in ranked for i, _ in hits)
+        out = [
+            [SearchResult(i, rows[i][0], score, rows[i][1], rows[i][2]) for i, score in hits if i in rows]
+            for hits in ranked
+        ]
+        return out[0] if single else out
+
+    def search_hybrid(
+        self,
+        query_vectors: np.ndarray,
+        query_texts: Sequence[str],
+        top_k: int = 10,
+        threshold: float | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        where: dict | None = None,
+        rrf_k: float = DEFAULT_RRF_K,
+        depth: int | None = None,
+    ) -> list[list[SearchResult]]:
+        """Reciprocal rank fusion of the dense and the BM25 ranking of each query (its vector and its text).
+
+        Both lists are fetched to `depth` (default max(top_k, 50)) among the documents passing
+        `where`; dense hits below `threshold` (cosine) are left out before fusing. The score is
+        sum over the lists of 1/(rrf_k + rank).
+        """
+        texts = _check_texts(list(query_texts), "query")
+        q = _check_vectors(query_vectors, self._manifest.dim, "query")
+        if len(q) == 0 or not texts:
+            raise EmptyQueryError("no queries given")
+        if len(q) != len(texts):
+            raise SearchIndexError(f"got {len(q)} query vectors for {len(texts)} query texts")
+        self._check_search_args(top_k, threshold)
+        depth = _fusion_depth(top_k, rrf_k, depth)
+        compiled = compile_where(where)
+        with self._lock.read():
+            scores, labels = self._dense(q, depth, nprobe, ef_search, self._allowed(compiled))
+            fused: list[list[tuple[int, float]]] = []
+            for text, drow, lrow in zip(texts, scores.tolist(), labels.tolist(), strict=True):
+                dense = [label for score, label in zip(drow, lrow, strict=True)
+                         if label >= 0 and (threshold is None or score >= threshold)]
+                lexical = [i for i, _ in self._lexical(text, depth, compiled)]
+                fused.append(reciprocal_rank_fusion([dense, lexical], rrf_k)[:top_k])
+            rows = self._store.rows(i for hits in fused for i, _ in hits)
+        return [
+            [SearchResult(i, rows[i][0], score, rows[i][1], rows[i][2]) for i, score in hits if i in rows]
+            for hits in fused
+        ]
 
     @staticmethod
     def _check_search_args(top_k: object, threshold: object) -> None:
@@ -701,25 +1077,100 @@ class SearchIndex:
         ):
             raise SearchIndexError(f"threshold must be a finite number or None, got {threshold!r}")
 
-    def _raw_search(self, q: np.ndarray, top_k: int, nprobe: int | None, ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """faiss search with per-call parameters (no shared state mutated, so threads can share it)."""
+    def _allowed(self, where: Where | None) -> np.ndarray | None:
+        """Under the read lock: the ids passing the filter (None: no filter)."""
+        return None if where is None else self._store.filter_ids(where)
+
+    def _lexical(self, text: str, limit: int, where: Where | None) -> list[tuple[int, float]]:
+        """Under the read lock: BM25's top `limit` (id, score) for one query text."""
+        match = fts_query(text)
+        return self._store.lexical(match, limit, where) if match is not None else []
+
+    def _dense(
+        self, q: np.ndarray, top_k: int, nprobe: int | None, ef_search: int | None, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Under the read lock: faiss search, restricted to the `allowed` ids inside faiss when given.
+
+        A filter is an ID selector applied during the search, so top_k is filled from the matching
+        vectors. The approximate kinds only look at part of the index (nprobe lists, an ef-wide
+        beam), where fewer than top_k matches may lie: for the queries left short, the search is
+        widened (nprobe, ef doubled) until they are full or it covers the whole index.
+        """
         n = len(q)
-        if self._index is None or self._index.ntotal == 0:
+        pool = int(self._index.ntotal) if self._index is not None else 0
+        if allowed is not None:
+            pool = min(pool, len(allowed))
+        if pool == 0:
             return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-        k = min(top_k, int(self._index.ntotal))
+        k = min(top_k, pool)
+        kind = self._manifest.kind
+        params = self._manifest.params
+        probe = min(int(nprobe or params["nprobe"]), params["nlist"]) if kind in IVF_KINDS else 0
+        ef = max(int(ef_search or params["ef_search"]), k) if kind == "hnsw" else 0
+        if kind == "hnsw" and allowed is not None and len(allowed) * _HNSW_EXACT_SHARE < self._index.ntotal:
+            exact = self._hnsw_exact(q, k, allowed)
+            if exact is not None:
+                return exact
+        # IDSelectorBatch: a hash set (O(1) per candidate), where IDSelectorArray scans its list.
+        sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        scores, labels = self._faiss_search(q, k, probe, ef, sel)
+        if sel is None or kind == "flat":
+            return scores, labels
+        widest = params["nlist"] if kind in IVF_KINDS else max(ef, int(self._index.ntotal))
+        while True:
+            short = np.flatnonzero((labels >= 0).sum(axis=1) < k)
+            reach = probe if kind in IVF_KINDS else ef
+            if not short.size or reach >= widest:
+                return scores, labels
+            if kind in IVF_KINDS:
+                probe = min(probe * 2, widest)
+            else:
+                ef = min(ef * 2, widest)
+            scores[short], labels[short] = self._faiss_search(q[short], k, probe, ef, sel)
+
+    def _hnsw_exact(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Under the read lock: exact top-k among a few allowed ids, from the flat storage behind the HNSW graph.
+
+        None when the ids cannot be placed in the storage (not in increasing order): the graph is searched instead.
+        """
+        version = self._version
+        cached = self._positions
+        if cached is None or cached[0] != version:
+            # IDMap's ids by storage position; ids are added in increasing order (and a compaction
+            # keeps that order), so a position is found by binary search.
+            cached = (version, faiss.vector_to_array(self._index.id_map).astype(np.int64))
+            self._positions = cached
+        ids = cached[1]
+        pos = np.searchsorted(ids, allowed)
+        if (pos >= len(ids)).any() or (ids[np.minimum(pos, len(ids) - 1)] != allowed).any():
+            return None
+        storage = faiss.downcast_index(faiss.downcast_index(self._index.index).storage)
+        sel = faiss.IDSelectorBatch(pos.astype(np.int64))
+        scores, labels = storage.search(q, k, params=faiss.SearchParameters(sel=sel))
+        return scores, np.where(labels >= 0, ids[np.maximum(labels, 0)], -1)
+
+    def _faiss_search(
+        self, q: np.ndarray, k: int, probe: int, ef: int, sel: faiss.IDSelector | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One faiss search with per-call parameters (no shared state mutated, so threads can share the index)."""
         kind = self._manifest.kind
         params: faiss.SearchParameters | None = None
         if kind in IVF_KINDS:
-            probe = nprobe or self._manifest.params["nprobe"]
-            params = faiss.SearchParametersIVF(nprobe=min(int(probe), self._manifest.params["nlist"]))
+            params = faiss.SearchParametersIVF(nprobe=probe)
         elif kind == "hnsw":
-            ef = max(int(ef_search or self._manifest.params["ef_search"]), k)
             params = faiss.SearchParametersHNSW(efSearch=ef)
-            if self._deleted_selector is not None:
-                params.sel = self._deleted_selector
-        index = self._search_index()
-        scores, labels = index.search(q, k, params=params)
-        return scores, labels
+        elif sel is not None:
+            params = faiss.SearchParameters()
+        if sel is not None:
+            # The filter's ids come from live store rows, so for HNSW they already exclude the
+            # tombstones: no IDSelectorAnd with the tombstone selector is needed.
+            params.sel = sel
+        elif kind == "hnsw" and self._deleted_selector is not None:
+            params.sel = self._deleted_selector
+        # faiss's GPU indexes take no ID selector: filtered searches run on the CPU index.
+        index = self._index if sel is not None else self._search_index()
+        return index.search(q, k, params=params)
+
 
     def _search_index(self) -> faiss.Index:
         """The GPU replica when GPU is in use (re-uploaded after writes), else the CPU index."""
@@ -740,6 +1191,14 @@ class SearchIndex:
         """Stored (text, metadata) for the ids that exist."""
         with self._lock.read():
             return self._store.get(ids)
+
+    def get_docs(self, ids: Sequence[str]) -> dict[str, SearchResult]:
+        """The stored documents under the user's ids that exist (score 0.0: no query involved)."""
+        doc_ids = check_doc_ids(ids)
+        with self._lock.read():
+            found = self._store.ids_for_docs(doc_ids)
+            rows = self._store.rows(found.values())
+        return {doc: SearchResult(i, rows[i][0], 0.0, rows[i][1], doc) for doc, i in found.items() if i in rows}
 
     # ----------------------------------------------------------------- info
 
@@ -771,6 +1230,7 @@ class SearchIndex:
                 "count": m.count,
                 "ntotal": int(self._index.ntotal) if self._index is not None else 0,
                 "deleted_tombstones": m.ntotal - m.count if m.kind == "hnsw" else 0,
+                "doc_ids": self._store.doc_count(),
                 "dim": m.dim,
                 "metric": "cosine (inner product on L2-normalised vectors)",
                 "params": dict(m.params),
@@ -896,11 +1356,42 @@ def _open_generation(path: Path, manifest: Manifest, verify: bool) -> tuple[fais
     elif manifest.kind not in IVF_KINDS:
         raise CorruptIndexError(f"index file {index_file} is empty but kind {manifest.kind!r} always has one")
     store = TextStore(store_file)
+    try:
+        _check_store(store, manifest, store_file)
+    except BaseException:
+        store.close()
+        raise
+    return index, store
+
+
+def _check_store(store: TextStore, manifest: Manifest, store_file: Path) -> None:
+    """The store must agree with the manifest (rows, tombstones) and have its format's tables; format 1 is upgraded."""
     n_rows = store.count()
     if n_rows != manifest.count:
-        store.close()
         raise CorruptIndexError(f"store file {store_file} has {n_rows} rows but the manifest says {manifest.count}")
-    return index, store
+    dead = manifest.ntotal - manifest.count if manifest.kind == "hnsw" else 0
+    if manifest.kind != "hnsw" and manifest.ntotal != manifest.count:
+        raise CorruptIndexError(
+            f"manifest of {store_file.parent} says {manifest.ntotal} vectors but {manifest.count} rows "
+            f"(only hnsw keeps deleted vectors)"
+        )
+    n_dead = store.tombstone_count()
+    if n_dead != dead:
+        raise CorruptIndexError(
+            f"store file {store_file} records {n_dead} deleted vectors (tombstones) but the manifest implies {dead}"
+        )
+    if not store.is_current():
+        if manifest.format_version >= 2:
+            raise CorruptIndexError(
+                f"store file {store_file} lacks the document-id column or the full-text index of format "
+                f"{manifest.format_version}"
+            )
+        # Format 1: build them now, in the private copy (the saved generation is not touched);
+        # the next save writes format 2.
+        store.upgrade()
+    n_fts = store.fts_count()
+    if n_fts != n_rows:
+        raise CorruptIndexError(f"store file {store_file}: the full-text index holds {n_fts} texts but the store {n_rows}")
 
 
 def _open_live(path: Path, manifest: Manifest, verify: bool) -> tuple[Manifest, faiss.Index | None, TextStore]:

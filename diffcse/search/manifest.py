@@ -10,7 +10,9 @@ from pathlib import Path
 from diffcse.core.io import sha256_file
 from diffcse.search.errors import CorruptIndexError, IndexFormatError
 
-FORMAT_VERSION = 1
+# 2: document ids (items.doc_id) and the FTS5 full-text index in the store. Format 1 indexes load
+# (the store is upgraded in memory) and are written as format 2 by their next save.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 INDEX_FILE = "index.faiss"
 STORE_FILE = "store.sqlite"

@@ -1,4 +1,4 @@
-"""HTTP service over a SearchIndex (FastAPI): /encode, /search, /similarity, /add, /delete, /health, /stats.
+"""HTTP service over a SearchIndex (FastAPI): /encode, /search, /similarity, /add, /upsert, /delete, /health, /stats.
 
 Sync endpoints run in FastAPI's thread pool, so searches proceed in parallel under the index's
 shared lock while add/delete take it exclusively. Encoding is serialised by its own mutex: torch
@@ -20,20 +20,29 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 from starlette.datastructures import Headers, State
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,7 +55,16 @@ from diffcse.search.errors import (
     IndexMismatchError,
     SearchIndexError,
 )
-from diffcse.search.index import DEFAULT_LOCK_TIMEOUT, SearchIndex
+from diffcse.search.filters import (
+    FIELD_PATTERN,
+    FIELD_RE,
+    MAX_CONDITIONS,
+    MAX_FIELD_CHARS,
+    MAX_IN_VALUES,
+    OPERATORS,
+    compile_where,
+)
+from diffcse.search.index import DEFAULT_LOCK_TIMEOUT, MAX_DOC_ID_CHARS, SearchIndex
 
 if TYPE_CHECKING:
     from diffcse.core.encoder import Encoder
@@ -59,8 +77,9 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 MAX_ID = 2**53 - 1
 API_KEY_ENV = "DIFFCSE_API_KEY"
 READ_ONLY_HINT = (
-    f"this server is read-only: start it with --api-key KEY (or set {API_KEY_ENV}) to enable /add and /delete"
+    f"this server is read-only: start it with --api-key KEY (or set {API_KEY_ENV}) to enable /add, /upsert and /delete"
 )
+RANGE_OPERATORS = ("gt", "gte", "lt", "lte")
 
 
 @dataclass(frozen=True)
@@ -73,9 +92,18 @@ class ServiceLimits:
     max_body_bytes: int = 4 * 1024 * 1024
 
 
+# Whitespace by both definitions in play: JSON Schema's (ECMAScript \s, which has U+FEFF) and
+# Python's str.isspace, which the index checks texts with (it has U+001C-U+001F and U+0085). A text
+# holding nothing else is blank; with one class for both the schema's pattern and the check, a text
+# the schema calls valid is one the index accepts (schemathesis found "\x85" accepted by one, not the other).
+_SPACE = "\\t\\n\\v\\f\\r \\x1c-\\x1f\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
+NON_BLANK = f"[^{_SPACE}]"
+_NON_BLANK_RE = re.compile(NON_BLANK)
+
+
 def _check_text(text: str) -> str:
     """Reject empty / whitespace-only texts and texts that are not valid Unicode (lone surrogates)."""
-    if not text.strip():
+    if not _NON_BLANK_RE.search(text):
         raise ValueError("text is empty or whitespace only")
     try:
         text.encode("utf-8")
@@ -105,6 +133,95 @@ def _check_metadata(meta: dict[str, Any] | None) -> dict[str, Any] | None:
             reason = "holds a lone surrogate" if isinstance(err, UnicodeEncodeError) else "holds NaN or Infinity"
             raise ValueError(f"metadata {reason}, which strict JSON cannot store") from None
     return meta
+
+
+def where_schema(max_chars: int) -> dict[str, Any]:
+    """The JSON Schema of a `where` filter, stating exactly what check_where accepts."""
+    string = {"type": "string", "maxLength": max_chars}
+    number = {"type": "number", "minimum": -MAX_ID, "maximum": MAX_ID}
+    scalar = {"anyOf": [string, number, {"type": "boolean"}]}
+    bound = {"anyOf": [string, number]}
+    ops = {
+        "type": "object",
+        "properties": {
+            "eq": scalar, "ne": scalar,
+            "in": {"type": "array", "items": scalar, "minItems": 1, "maxItems": MAX_IN_VALUES},
+            **{op: bound for op in RANGE_OPERATORS},
+        },
+        "additionalProperties": False,
+        "minProperties": 1,
+    }
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "propertyNames": {"pattern": f"^{FIELD_PATTERN}$", "maxLength": MAX_FIELD_CHARS},
+                "additionalProperties": {"anyOf": [string, number, {"type": "boolean"}, ops]},
+                "maxProperties": MAX_CONDITIONS,
+            },
+            {"type": "null"},
+        ],
+        "description": (
+            'metadata filter: {"lang": "en"}, {"lang": {"in": ["en", "de"]}}, {"year": {"gte": 2000, "lt": 2010}}; '
+            "operators eq, ne, in, gt, gte, lt, lte; fields (dotted for nested) are AND-ed"
+        ),
+    }
+
+
+def _check_where_value(field: str, op: str, value: Any, max_chars: int, allow_bool: bool = True) -> None:
+    """One condition value as where_schema allows it: a short string, a bounded number, a boolean."""
+    if isinstance(value, bool):
+        if allow_bool:
+            return
+        raise ValueError(f"where condition on {field!r}: {op} needs a number or a string")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or abs(value) > MAX_ID:
+            raise ValueError(f"where condition on {field!r}: {op} value must be a finite number within ±{MAX_ID}")
+        return
+    if isinstance(value, str):
+        if len(value) > max_chars:
+            raise ValueError(f"where condition on {field!r}: {op} value is over {max_chars} characters")
+        return
+    raise ValueError(f"where condition on {field!r}: {op} value must be a string, number or boolean")
+
+
+def check_where(where: dict[str, Any] | None, max_chars: int) -> dict[str, Any] | None:
+    """A request's `where`, held to where_schema (so valid by the schema = accepted), then to the index's own rules."""
+    if where is None:
+        return None
+    if len(where) > MAX_CONDITIONS:
+        raise ValueError(f"where has {len(where)} fields; at most {MAX_CONDITIONS}")
+    for field, cond in where.items():
+        if len(field) > MAX_FIELD_CHARS or not FIELD_RE.fullmatch(field):
+            raise ValueError(f"where: field {field[:60]!r} is not a field name (letters, digits, '_', '.' between names)")
+        if not isinstance(cond, dict):
+            _check_where_value(field, "eq", cond, max_chars)
+            continue
+        if not cond:
+            raise ValueError(f"where condition on {field!r}: empty operator object")
+        for op, value in cond.items():
+            if op not in OPERATORS:
+                raise ValueError(f"where condition on {field!r}: unknown operator {op[:40]!r} (known: {', '.join(OPERATORS)})")
+            if op == "in":
+                if not isinstance(value, list) or not 1 <= len(value) <= MAX_IN_VALUES:
+                    raise ValueError(f"where condition on {field!r}: 'in' needs a list of 1 to {MAX_IN_VALUES} values")
+                for item in value:
+                    _check_where_value(field, op, item, max_chars)
+            else:
+                _check_where_value(field, op, value, max_chars, allow_bool=op in ("eq", "ne"))
+    compile_where(where)  # what the schema cannot state (lone surrogates) fails here, as a ValueError
+    return where
+
+
+def _check_doc_id(doc_id: str) -> str:
+    """A document id: not blank, valid Unicode."""
+    if not _NON_BLANK_RE.search(doc_id):
+        raise ValueError("doc id is empty or whitespace only")
+    try:
+        doc_id.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"doc id is not valid Unicode: lone surrogate at character {err.start}") from None
+    return doc_id
 
 
 def json_safe(value: Any) -> Any:
@@ -139,7 +256,7 @@ def exposure_warnings(host: str, api_key: str | None) -> list[str]:
     if api_key is None:
         return [
             f"serving on {host}, reachable beyond this machine, with no API key: the server is read-only "
-            f"(/add and /delete answer 403); pass --api-key or set {API_KEY_ENV} to allow writes"
+            f"(/add, /upsert and /delete answer 403); pass --api-key or set {API_KEY_ENV} to allow writes"
         ]
     return [
         f"serving on {host}, reachable beyond this machine, over plain HTTP: the API key and every text "
@@ -248,12 +365,13 @@ class Error(BaseModel):
 
 
 class Hit(BaseModel):
-    """One search result."""
+    """One search result; doc_id is the document id given at /upsert (null for texts added by /add)."""
 
     id: int
     text: str
     score: float
     metadata: dict[str, Any] | None = None
+    doc_id: str | None = None
 
 
 class SearchResponse(BaseModel):
@@ -283,8 +401,18 @@ class AddResponse(BaseModel):
     saved: bool
 
 
+class UpsertResponse(BaseModel):
+    """The internal id now holding each document, how many were new or replaced, and the new total."""
+
+    ids: list[int]
+    added: int
+    replaced: int
+    count: int
+    saved: bool
+
+
 class DeleteResponse(BaseModel):
-    """How many of the ids existed and were removed, and the new total."""
+    """How many of the ids and doc ids existed and were removed, and the new total."""
 
     deleted: int
     count: int
@@ -370,12 +498,16 @@ def create_app(
     writer_name = f"diffcse serve (pid {os.getpid()}, {host})"
 
     max_len = limits.max_text_chars
-    # The schema states what the validator enforces (pattern \S = not blank), so that a request
+    # The schema states what the validator enforces (pattern NON_BLANK = not blank), so that a request
     # valid by the OpenAPI document is one the server accepts.
-    Text = Annotated[str, Field(max_length=max_len, json_schema_extra={"pattern": r"\S"}), AfterValidator(_check_text)]
+    Text = Annotated[str, Field(max_length=max_len, json_schema_extra={"pattern": NON_BLANK}), AfterValidator(_check_text)]
     Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_batch)]
     Meta = Annotated[dict[str, Any] | None, AfterValidator(_check_metadata)]
     Id = _bounded_int(0, MAX_ID)
+    DocId = Annotated[str, Field(min_length=1, max_length=MAX_DOC_ID_CHARS, json_schema_extra={"pattern": NON_BLANK}),
+                      AfterValidator(_check_doc_id)]
+    Where = Annotated[dict[str, Any] | None, WithJsonSchema(where_schema(max_len)),
+                      AfterValidator(lambda w: check_where(w, max_len))]
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
@@ -385,11 +517,28 @@ def create_app(
         normalize: bool = True
 
     class SearchRequest(Strict):
+        # The one cross-field rule, stated in the schema too: a cosine threshold means nothing to BM25.
+        model_config = ConfigDict(json_schema_extra={"not": {
+            "required": ["mode", "threshold"],
+            "properties": {"mode": {"const": "lexical"}, "threshold": {"type": "number"}},
+        }})
         queries: Texts
         top_k: _bounded_int(1, limits.max_top_k) = 10
-        threshold: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] | None = None
+        threshold: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] | None = Field(
+            None, description="least cosine of a dense hit (modes dense and hybrid; not with mode lexical)"
+        )
         nprobe: _bounded_int(1, 1 << 20) | None = None
         ef_search: _bounded_int(1, 1 << 20) | None = None
+        where: Where = None
+        mode: Literal["dense", "lexical", "hybrid"] = Field(
+            "dense", description="dense: cosine; lexical: BM25 over the words; hybrid: reciprocal rank fusion of both"
+        )
+
+        @model_validator(mode="after")
+        def _threshold_needs_vectors(self) -> "SearchRequest":
+            if self.mode == "lexical" and self.threshold is not None:
+                raise ValueError("threshold is a cosine similarity: it applies to modes dense and hybrid, not lexical")
+            return self
 
     class SimilarityRequest(Strict):
         a: Texts
@@ -407,8 +556,30 @@ def create_app(
                 raise ValueError(f"metadata has {len(self.metadata)} entries for {len(self.texts)} texts")
             return self
 
+    class Document(Strict):
+        id: DocId
+        text: Text
+        metadata: Meta = None
+
+    class UpsertRequest(Strict):
+        documents: Annotated[list[Document], Field(min_length=1, max_length=limits.max_batch)]
+
+    def _ids_or_doc_ids(schema: dict[str, Any]) -> None:
+        # Absent, not null: the schema shows no default, and needs one of the two lists.
+        for name in ("ids", "doc_ids"):
+            schema["properties"][name].pop("default", None)
+        schema["anyOf"] = [{"required": ["ids"]}, {"required": ["doc_ids"]}]
+
     class DeleteRequest(Strict):
-        ids: Annotated[list[Id], Field(min_length=1, max_length=limits.max_batch * 16)]
+        model_config = ConfigDict(json_schema_extra=_ids_or_doc_ids)
+        ids: Annotated[list[Id], Field(min_length=1, max_length=limits.max_batch * 16)] = None
+        doc_ids: Annotated[list[DocId], Field(min_length=1, max_length=limits.max_batch * 16)] = None
+
+        @model_validator(mode="after")
+        def _something_to_delete(self) -> "DeleteRequest":
+            if self.ids is None and self.doc_ids is None:
+                raise ValueError("give ids and/or doc_ids")
+            return self
 
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (the server's --api-key)")
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's --api-key")
@@ -455,8 +626,9 @@ def create_app(
     app = FastAPI(
         title="diffcse search",
         description=(
-            "Sentence-embedding search over a diffcse index (cosine similarity). /add and /delete need the "
-            "server's API key (Authorization: Bearer KEY or X-API-Key); without one the server is read-only."
+            "Sentence-embedding search over a diffcse index: cosine similarity, BM25, or both fused, with "
+            "metadata filters. /add, /upsert and /delete need the server's API key (Authorization: Bearer KEY "
+            "or X-API-Key); without one the server is read-only."
         ),
         lifespan=lifespan,
     )
@@ -533,10 +705,15 @@ def create_app(
 
     @app.post("/search", response_model=SearchResponse, responses=READ_ERRORS)
     def search(req: SearchRequest) -> SearchResponse:
-        """Top-k stored texts per query, each with score >= threshold when one is given."""
-        hits = index.search_vectors(
-            encode(req.queries), top_k=req.top_k, threshold=req.threshold, nprobe=req.nprobe, ef_search=req.ef_search
-        )
+        """Top-k stored texts per query among those passing `where`: by cosine (each >= threshold), BM25 or both."""
+        if req.mode == "lexical":
+            hits = index.search_lexical(req.queries, top_k=req.top_k, where=req.where)
+        elif req.mode == "hybrid":
+            hits = index.search_hybrid(encode(req.queries), req.queries, top_k=req.top_k, threshold=req.threshold,
+                                       nprobe=req.nprobe, ef_search=req.ef_search, where=req.where)
+        else:
+            hits = index.search_vectors(encode(req.queries), top_k=req.top_k, threshold=req.threshold,
+                                        nprobe=req.nprobe, ef_search=req.ef_search, where=req.where)
         return SearchResponse(results=[[Hit(**h._asdict()) for h in row] for row in hits])
 
     @app.post("/similarity", response_model=SimilarityResponse, responses=READ_ERRORS)
@@ -555,11 +732,26 @@ def create_app(
             count = len(index)
         return AddResponse(ids=ids, count=count, saved=saved)
 
+    @app.post("/upsert", response_model=UpsertResponse, responses=WRITE_ERRORS, dependencies=[Depends(require_key)])
+    def upsert(req: UpsertRequest) -> UpsertResponse:
+        """Add documents under your ids, or replace the text, vector and metadata of ids already there.
+
+        A repeated id counts once, with its last document. On disk before answering when persist='add'.
+        """
+        docs = req.documents
+        texts = [d.text for d in docs]
+        vecs = encode(texts)  # outside the writer lock: encoding is the slow part
+        with writing("/upsert") as saved:
+            res = index.upsert_vectors([d.id for d in docs], vecs, texts, [d.metadata for d in docs])
+            count = len(index)
+        return UpsertResponse(ids=res.ids, added=res.added, replaced=res.replaced, count=count, saved=saved)
+
     @app.post("/delete", response_model=DeleteResponse, responses=WRITE_ERRORS, dependencies=[Depends(require_key)])
     def delete(req: DeleteRequest) -> DeleteResponse:
-        """Remove items by id; unknown ids are ignored."""
+        """Remove items by internal id and/or by document id; unknown ones are ignored."""
         with writing("/delete") as saved:
-            n = index.delete(req.ids)
+            n = index.delete(req.ids) if req.ids else 0
+            n += index.delete_ids(req.doc_ids) if req.doc_ids else 0
             count = len(index)
         return DeleteResponse(deleted=n, count=count, saved=saved and n > 0)
 
