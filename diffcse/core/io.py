@@ -98,6 +98,15 @@ def dumps_json(obj: object, indent: int | None = 2) -> str:
     return json.dumps(finite_json(obj), indent=indent, ensure_ascii=False, allow_nan=False)
 
 
+def read_json(path: str | os.PathLike[str]) -> dict | None:
+    """A JSON file's mapping, or None when it is missing or unreadable (e.g. a run killed before writing it)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: object) -> Path:
     """Write obj as strict JSON to path atomically; returns the path."""
     return write_bytes_atomic(path, (dumps_json(obj) + "\n").encode("utf-8"))
@@ -256,6 +265,24 @@ def read_csv_columns(
                 raise InputError(f"{path}:{reader.line_num}: empty field {column!r}")
         rows.append(values)
     return columns, rows
+
+
+def read_yaml_file(path: str | os.PathLike[str], what: str = "config file") -> object:
+    """A YAML file's content (None when empty); a missing file, bad bytes or bad YAML name the file and line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} {path}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise InputError(f"{where}: malformed YAML ({problem})") from None
 
 
 def data_root() -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from diffcse.core.errors import InputError
+from diffcse.core.io import read_yaml_file
 
 T = TypeVar("T")
 _NONE_WORDS = ("none", "null")
@@ -37,6 +38,7 @@ def opt(
     format: Callable[[Any], list[str]] | None = None,
     metavar: str | None = None,
     none_words: tuple[str, ...] = (),
+    positional: bool = False,
     default_factory: Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field with what its command-line option needs (help, choices, bounds, aliases).
@@ -44,10 +46,12 @@ def opt(
     `parse`/`format` are for fields argparse cannot type by itself (dicts): the option is then
     repeatable and `parse` turns the list of its values into the field's value; `format` turns a
     value back into those strings. `none_words` are further spellings of None for an optional field
-    (e.g. 'all' for "no limit"), besides 'none'.
+    (e.g. 'all' for "no limit"), besides 'none'. `positional` also takes the field as the command's
+    first argument (the command's main path: `diffcse report RUN_DIR` = `--run-dir RUN_DIR`).
     """
     meta = {"help": help, "choices": choices, "min": min, "max": max, "aliases": aliases,
-            "parse": parse, "format": format, "metavar": metavar, "none_words": none_words}
+            "parse": parse, "format": format, "metavar": metavar, "none_words": none_words,
+            "positional": positional}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -157,6 +161,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         else:
             parser.add_argument(*flags, type=_scalar_parser(spec) if spec.item is not str else str,
                                 choices=spec.meta.get("choices"), **kwargs)
+        if spec.meta.get("positional"):
+            parser.add_argument(spec.name, nargs="?", default=argparse.SUPPRESS,
+                                metavar=spec.meta.get("metavar") or spec.name.upper(), help=f"same as {spec.flag}")
 
 
 def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -196,20 +203,8 @@ def to_argv(cls: type, config: object, fields: list[str] | None = None) -> list[
 
 def read_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a YAML mapping of `cls` fields; errors name the file, line and field."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config file {path} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise InputError(f"config file {path}: not UTF-8 text (byte {err.start})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise InputError(f"{where}: malformed YAML ({problem})") from None
+    loaded = read_yaml_file(path, "config file")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

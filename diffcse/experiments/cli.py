@@ -16,7 +16,7 @@ class ExperimentConfig:
     """Options of `diffcse experiment`."""
 
     grid: str | None = opt(None, "the grid file (YAML; docs/experiments.md); also taken as the first argument",
-                           metavar="GRID.yaml")
+                           metavar="GRID.yaml", positional=True)
     seeds: int | None = opt(None, "run seeds 1..N instead of the grid's seeds", min=1)
     output_dir: str | None = opt(None, "where the runs and the report go; none = the grid's output_dir, else "
                                  "runs/<grid file name>", metavar="DIR")
@@ -34,7 +34,8 @@ class ExperimentConfig:
 class ReportConfig:
     """Options of `diffcse report`."""
 
-    run_dir: str | None = opt(None, "a training run's --output-dir; also taken as the first argument", metavar="RUN_DIR")
+    run_dir: str | None = opt(None, "a training run's --output-dir; also taken as the first argument", metavar="RUN_DIR",
+                              positional=True)
     format: str = opt("md", "page format", choices=("md", "html"))
     output: str | None = opt(None, "the page; none = RUN_DIR/report.md or .html; plots go beside it",
                              metavar="FILE")
@@ -85,18 +86,10 @@ def run_report(cfg: ReportConfig) -> int:
     return 0
 
 
-def _positional(parser: argparse.ArgumentParser, dest: str, metavar: str) -> None:
-    """Also take the command's main path as its first argument (the same field as its --option)."""
-    parser.add_argument(dest, nargs="?", default=argparse.SUPPRESS, metavar=metavar,
-                        help=f"same as --{dest.replace('_', '-')}")
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `experiment` and `report` to the diffcse command line."""
-    p = add_command(subparsers, "experiment", ExperimentConfig, run_experiment,
-                    help="train and evaluate a grid of config variants × seeds; report mean ± std and "
-                         "paired differences with confidence intervals")
-    _positional(p, "grid", "GRID.yaml")
-    p = add_command(subparsers, "report", ReportConfig, run_report,
-                    help="one page (Markdown or HTML, with plots) for one training run")
-    _positional(p, "run_dir", "RUN_DIR")
+    add_command(subparsers, "experiment", ExperimentConfig, run_experiment,
+                help="train and evaluate a grid of config variants × seeds; report mean ± std and "
+                     "paired differences with confidence intervals")
+    add_command(subparsers, "report", ReportConfig, run_report,
+                help="one page (Markdown or HTML, with plots) for one training run")

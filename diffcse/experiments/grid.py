@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import re
 import shutil
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from diffcse.core.errors import InputError
-from diffcse.core.io import display_path, write_json_atomic
+from diffcse.core.io import display_path, read_json, read_yaml_file, write_json_atomic
 from diffcse.core.options import check_type, fields_of, read_yaml
 
 GRID_KEYS = ("base", "variants", "baseline", "seeds", "tasks", "mode", "output_dir")
@@ -78,18 +77,7 @@ class Grid:
 
 def _load_mapping(path: Path) -> dict[str, Any]:
     """The grid file's top-level mapping; YAML errors name file:line."""
-    import yaml
-
-    if not path.is_file():
-        raise InputError(f"grid file {path} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise InputError(f"grid file {path}: not UTF-8 text (byte {err.start})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise InputError(f"{where}: malformed YAML ({getattr(err, 'problem', None) or err})") from None
+    loaded = read_yaml_file(path, "grid file")
     if not isinstance(loaded, dict):
         raise InputError(f"grid file {path}: expected a mapping with base, variants, seeds, ...")
     unknown = sorted(str(k) for k in loaded if k not in GRID_KEYS)
@@ -193,15 +181,6 @@ def load_grid(path: str | Path, seeds: int | None = None, output_dir: str | None
 
 
 # ---------------------------------------------------------------- one run
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON file's mapping, or None when it is missing or unreadable (a run killed mid-write)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def run_fingerprint(config: Any) -> dict[str, Any]:

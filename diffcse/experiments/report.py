@@ -20,11 +20,12 @@ from diffcse.core.io import (
     atomic_path,
     display_path,
     iter_lines,
+    read_json,
     write_json_atomic,
     write_text_atomic,
 )
 from diffcse.experiments import stats
-from diffcse.experiments.grid import EVAL_FILE, SUMMARY_FILE, Grid, read_json
+from diffcse.experiments.grid import EVAL_FILE, SUMMARY_FILE, Grid
 
 METRICS_FILE = "metrics.jsonl"
 SHORT = {"STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}

@@ -36,6 +36,7 @@ from diffcse.core.folder import (
 from diffcse.core.io import (
     default_corpus,
     dumps_json,
+    read_json,
     read_scored_pairs,
     write_json_atomic,
     write_text_atomic,
@@ -245,8 +246,8 @@ class ContrastiveTrainer(Trainer):
         self.best_score = -math.inf
         self._last_eval: tuple[int, dict] | None = None
         state_file = Path(config.output_dir) / "best.json"
-        if config.resume and state_file.exists() and scorer is not None:
-            best = json.loads(state_file.read_text()).get(scorer.summary_key)
+        if config.resume and scorer is not None:
+            best = (read_json(state_file) or {}).get(scorer.summary_key)
             self.best_score = best if best is not None else -math.inf
 
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
@@ -410,9 +411,8 @@ def _close_progress_bars(trainer: Trainer) -> None:
 
 def _describe_export(out: Path) -> str:
     """What a stopped run left in output_dir, for messages."""
-    try:
-        best = json.loads((out / "best.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    best = read_json(out / "best.json")
+    if best is None:
         return f"nothing was exported to {out}"
     return f"the model exported to {out} (step {best.get('step')}) was left as it was"
 
