@@ -31,7 +31,7 @@ def write_vocab(folder: Path) -> Path:
 
 
 def build_tiny_model(folder: Path, arch: str = "bert", seed: int = 0, layers: int = 2) -> Path:
-    """Save a tiny random BERT or DistilBERT (model + fast tokenizer) to folder."""
+    """Save a tiny random BERT, DistilBERT or T5 encoder (model + fast tokenizer) to folder."""
     from transformers import (
         BertConfig,
         BertModel,
@@ -41,11 +41,12 @@ def build_tiny_model(folder: Path, arch: str = "bert", seed: int = 0, layers: in
     )
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = write_vocab(folder)
-    # from_pretrained reads vocab.txt on transformers 4 and 5 alike (v5's constructor ignores vocab_file=).
-    tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True, model_max_length=64)
-    n_vocab = len(vocab.read_text().split())
     torch.manual_seed(seed)
+    if arch != "t5":
+        vocab = write_vocab(folder)
+        # from_pretrained reads vocab.txt on transformers 4 and 5 alike (v5's constructor ignores vocab_file=).
+        tokenizer = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True, model_max_length=64)
+        n_vocab = len(vocab.read_text().split())
     if arch == "bert":
         config = BertConfig(
             vocab_size=n_vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
@@ -58,11 +59,31 @@ def build_tiny_model(folder: Path, arch: str = "bert", seed: int = 0, layers: in
             max_position_embeddings=64,
         )
         model = DistilBertModel(config)
+    elif arch == "t5":
+        from transformers import T5Config, T5EncoderModel
+
+        tokenizer = t5_style_tokenizer()
+        config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=layers, num_heads=2,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = T5EncoderModel(config)
     else:
         raise ValueError(arch)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def t5_style_tokenizer() -> object:
+    """A small Unigram (sentencepiece-style) fast tokenizer over the test words, appending </s> as T5 does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>"] + ["▁" + w for w in sorted(set(WORDS))] + list(string.ascii_lowercase)
+    backend = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=64)
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +96,12 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_distilbert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random DistilBERT folder sharing the tiny BERT's vocabulary."""
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny_distilbert"), arch="distilbert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random T5 encoder (Sentence-T5's backbone) with a Unigram tokenizer."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny_t5"), arch="t5"))
 
 
 @pytest.fixture(scope="session")

@@ -44,9 +44,20 @@ def pool(
     return (both * mask).sum(1) / denom
 
 
+# Encoder-decoder families whose sentence encoder is the encoder stack alone (Sentence-T5).
+_ENCODER_OF = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
 def load_backbone(path: str, **overrides: object) -> PreTrainedModel:
-    """AutoModel from a local folder; an unloadable folder is an error naming it (never a download)."""
+    """The folder's transformer (the encoder stack of a T5); unloadable is an error naming it (never a download)."""
     try:
+        from transformers import AutoConfig
+
+        model_type = getattr(AutoConfig.from_pretrained(path, local_files_only=True), "model_type", "")
+        if model_type in _ENCODER_OF:
+            import transformers
+
+            return getattr(transformers, _ENCODER_OF[model_type]).from_pretrained(path, local_files_only=True, **overrides)
         return AutoModel.from_pretrained(path, local_files_only=True, **overrides)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -159,11 +159,12 @@ def enable_packing(backbone: nn.Module) -> bool:
         backbone.set_attn_implementation(ATTENTION)
         ok = _check(backbone)
     except Exception as err:  # any architecture that does not take packed positions stays padded
-        log.info("packing: off for %s (%s)", type(backbone).__name__, err)
+        log.warning("packing: off for %s, it runs padded (%s)", type(backbone).__name__, err)
         ok = False
     if not ok:
         backbone.set_attn_implementation(previous)
-        log.info("packing: off for %s (packed output differs from padded)", type(backbone).__name__)
+        log.warning("packing: off for %s, it runs padded (a packed forward does not reproduce the padded one)",
+                    type(backbone).__name__)
     return ok
 
 
