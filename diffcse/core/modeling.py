@@ -48,6 +48,11 @@ def pool(
 _ENCODER_OF = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when it is bf16/fp16 (losses and similarities under autocast); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def load_backbone(path: str, **overrides: object) -> PreTrainedModel:
     """The folder's transformer (the encoder stack of a T5); unloadable is an error naming it (never a download)."""
     try:

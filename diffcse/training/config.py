@@ -17,7 +17,9 @@ from diffcse.core.io import write_text_atomic
 from diffcse.core.options import opt, read_yaml
 from diffcse.core.runtime import PRECISIONS
 
-OBJECTIVES = ("simcse", "sup-simcse", "diffcse", "mlm")
+OBJECTIVES = ("simcse", "sup-simcse", "diffcse", "mlm", "sbert-softmax", "sbert-cosine")
+# Objectives trained on labelled pairs (a CSV sentence1,sentence2,label|score); their target column.
+PAIR_OBJECTIVES = {"sbert-softmax": "label", "sbert-cosine": "score"}
 # Training heads (diffcse.core.modeling.HEADS) plus "auto": the objective's recipe.
 HEADS = ("auto", "none", "mlp", "batchnorm")
 POOLER_CHOICES = ("auto", "cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
@@ -33,6 +35,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                 "mask_ratio": 0.30, "lambda_weight": 0.005},
     # Continued masked-LM training (BERT's own recipe, as for domain adaptation); no head, no negatives.
     "mlm": {"head": "none", "learning_rate": 5e-5, "num_epochs": 1.0, "batch_size": 64},
+    # Sentence-BERT's NLI / STS recipes (batch 16, lr 2e-5, 1 epoch).
+    "sbert-softmax": {"head": "none", "learning_rate": 2e-5, "num_epochs": 1.0, "batch_size": 16},
+    "sbert-cosine": {"head": "none", "learning_rate": 2e-5, "num_epochs": 1.0, "batch_size": 16},
 }
 
 
@@ -123,6 +128,9 @@ class TrainConfig:
     mlm_weight: float = opt(0.0, "simcse/sup-simcse/diffcse: add mlm_weight x an MLM loss on the first view "
                             "(SimCSE's do_mlm; its value 0.1)", min=0.0)
     mlm_probability: float = opt(0.15, "share of tokens the masked-LM collator masks (objective mlm, mlm_weight)")
+    # Sentence-BERT's pair objectives (sbert-softmax, sbert-cosine).
+    score_scale: float = opt(1.0, "sbert-cosine: scores are divided by this to give the cosine target "
+                             "(5 for 0..5 STS scores)", min=1e-9)
 
     def validate(self) -> None:
         """Reject impossible settings, naming the field; fill unset fields from the objective's recipe.
@@ -190,6 +198,13 @@ class TrainConfig:
             raise InputError("mlm_weight: adds an MLM term to a contrastive objective; objective mlm is all MLM")
         if self.grad_cache_chunk is not None and (self.objective == "mlm" or self.mlm_weight):
             raise InputError("grad_cache_chunk: gradient caching applies to the contrastive objectives without mlm_weight")
+        if self.objective in PAIR_OBJECTIVES:
+            if self.train_file is None:
+                raise InputError(f"train_file: {self.objective} needs a CSV with sentence1,sentence2,"
+                                 f"{PAIR_OBJECTIVES[self.objective]}")
+            if self.grad_cache_chunk is not None or self.mlm_weight or self.corpus_loading == "disk":
+                raise InputError(f"{self.objective}: gradient caching, mlm_weight and disk corpora are for the "
+                                 "sentence objectives")
         if self.objective == "sup-simcse" and self.train_file is None:
             raise InputError("train_file: supervised SimCSE needs a CSV with sent0,sent1[,hard_neg]")
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from diffcse.core.errors import InputError
 from diffcse.core.io import iter_lines, read_csv_columns
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,40 @@ def read_triples(path: str | Path, encoding_errors: str = "strict") -> list[tupl
 class TokenizedViews(Dataset):
     """Pre-tokenised training examples: each item is a tuple of 1 (unsup) to 3 (sup) id lists."""
 
-    def __init__(self, columns: list[list[list[int]]]) -> None:
+    def __init__(self, columns: list[list[list[int]]], labels: list[int] | list[float] | None = None) -> None:
         self.columns = columns
+        self.labels = labels  # per-example targets of the pair objectives (class ids or scores)
 
     def __len__(self) -> int:
         return len(self.columns[0])
 
     def __getitem__(self, i: int) -> dict:
-        return {"views": [col[i] for col in self.columns]}
+        item = {"views": [col[i] for col in self.columns]}
+        if self.labels is not None:
+            item["label"] = self.labels[i]
+        return item
+
+
+def read_labelled_pairs(path: str | Path, target: str, encoding_errors: str = "strict") -> tuple[list[list[str]], list, list[str] | None]:
+    """A pair CSV (sentence1,sentence2,label|score): the two text columns, the targets, and label names.
+
+    `target` 'label': any strings, mapped to class ids in sorted order (names returned); 'score': numbers.
+    """
+    _, rows = read_csv_columns(path, ("sentence1", "sentence2", target), (), "training file", encoding_errors)
+    columns = [[r[0] for r in rows], [r[1] for r in rows]]
+    if target == "score":
+        scores = []
+        for n, row in enumerate(rows, start=2):
+            try:
+                scores.append(float(row[2]))
+            except ValueError:
+                raise InputError(f"{path}: row {n}: score {row[2]!r} is not a number") from None
+        return columns, scores, None
+    names = sorted({r[2] for r in rows})
+    if len(names) < 2:
+        raise InputError(f"{path}: column 'label' holds {len(names)} distinct label(s); classification needs 2 or more")
+    ids = {name: i for i, name in enumerate(names)}
+    return columns, [ids[r[2]] for r in rows], names
 
 
 def tokenize_columns(
@@ -94,4 +121,7 @@ class ViewCollator:
             for j, ids in enumerate(ex["views"]):
                 input_ids[i, j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[i, j, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([ex["label"] for ex in examples])
+        return batch

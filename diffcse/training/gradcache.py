@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 import torch.distributed as dist
 
-from diffcse.core.modeling import EncoderOutput
+from diffcse.core.modeling import EncoderOutput, at_least_fp32
 from diffcse.training.distributed import world
 from diffcse.training.objectives.contrastive import ContrastiveModel
 
@@ -41,11 +41,6 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
-
-
-def _widen(x: torch.Tensor) -> torch.Tensor:
-    """At least float32 (bf16 under autocast); float64 stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +77,7 @@ def cached_step(
         for a, b in rows:
             states.append(_rng_state(device))
             with autocast():
-                pooled.append(_widen(encoder(*_trim(flat_ids[a:b], flat_mask[a:b]), apply_head=False).pooled))
+                pooled.append(at_least_fp32(encoder(*_trim(flat_ids[a:b], flat_mask[a:b]), apply_head=False).pooled))
     cached = torch.cat(pooled).requires_grad_()
 
     # 2. The whole batch's loss from the cached vectors: head, InfoNCE, and DiffCSE's RTD.
@@ -106,7 +101,7 @@ def cached_step(
     for (a, b), state in zip(rows, states, strict=True):
         _set_rng_state(state, device)
         with autocast():
-            again = _widen(encoder(*_trim(flat_ids[a:b], flat_mask[a:b]), apply_head=False).pooled)
+            again = at_least_fp32(encoder(*_trim(flat_ids[a:b], flat_mask[a:b]), apply_head=False).pooled)
         again.backward(cached.grad[a:b])
     _set_rng_state(after, device)
     return loss.detach() * loss_scale

@@ -45,8 +45,14 @@ from diffcse.core.metrics import POSITIVE_THRESHOLD, alignment, uniformity
 from diffcse.core.modeling import SentenceEncoder
 from diffcse.core.runtime import resolve_device, resolve_precision, set_threads
 from diffcse.training.checkpoints import CheckpointManifest, RunTotals, resumable_checkpoint
-from diffcse.training.config import TrainConfig
-from diffcse.training.data import ViewCollator, read_sentences, read_triples, tokenize_columns
+from diffcse.training.config import PAIR_OBJECTIVES, TrainConfig
+from diffcse.training.data import (
+    ViewCollator,
+    read_labelled_pairs,
+    read_sentences,
+    read_triples,
+    tokenize_columns,
+)
 from diffcse.training.distributed import convert_batchnorm
 from diffcse.training.gradcache import all_reduce_gradients, cached_step
 from diffcse.training.guard import GuardedAdamW, NonFiniteGuard, TrainingDiverged
@@ -57,6 +63,11 @@ from diffcse.training.objectives.mlm import (
     MaskedLMModel,
     load_masked_lm,
     mlm_masker,
+)
+from diffcse.training.objectives.sbert import (
+    CosineRegressionLoss,
+    PairObjectiveModel,
+    SoftmaxPairLoss,
 )
 from diffcse.training.sampling import DistinctBatchSampler, LineCorpus, ids_key
 
@@ -71,8 +82,8 @@ def training_pooler(config: TrainConfig, model_path: str) -> str:
     return "cls" if pooler == "cls_before_pooler" else pooler
 
 
-def build_model(config: TrainConfig, model_path: str, tokenizer: object) -> torch.nn.Module:
-    """The training module for the configured objective."""
+def build_model(config: TrainConfig, model_path: str, tokenizer: object, num_labels: int = 0) -> torch.nn.Module:
+    """The training module for the configured objective (num_labels: the classes of sbert-softmax)."""
     mlm = None
     if config.objective == "mlm" or config.mlm_weight:
         # The encoder is the masked LM's own transformer, so the MLM term trains the same weights.
@@ -89,6 +100,12 @@ def build_model(config: TrainConfig, model_path: str, tokenizer: object) -> torc
     encoder.speed_up(config.packing, config.fast_dropout)
     if config.objective == "mlm":
         return MaskedLMModel(mlm, encoder, mlm_masker(tokenizer, config.mlm_probability))
+    if config.objective in PAIR_OBJECTIVES:
+        if config.objective == "sbert-softmax":
+            loss_fn: torch.nn.Module = SoftmaxPairLoss(encoder.hidden_size, num_labels)
+        else:
+            loss_fn = CosineRegressionLoss(config.score_scale)
+        return PairObjectiveModel(encoder, loss_fn)
     if config.sync_batchnorm:
         convert_batchnorm(encoder)
     # The backbone's own pooler layer is never used in training; frozen, DDP need not track it.
@@ -117,7 +134,15 @@ def load_dataset(config: TrainConfig, tokenizer: object, out: Path) -> tuple[obj
         config.corpus_loading == "auto" and config.objective != "sup-simcse" and path.is_file()
         and path.stat().st_size > DISK_CORPUS_BYTES
     )
-    if disk:
+    if config.objective in PAIR_OBJECTIVES:
+        columns, targets, names = read_labelled_pairs(path, PAIR_OBJECTIVES[config.objective], config.encoding_errors)
+        dataset, truncated = tokenize_columns(tokenizer, columns, config.max_seq_length)
+        dataset.labels = targets
+        info = {"examples": len(dataset), "loading": "memory", "truncated": truncated, "train_file": path.name}
+        if names is not None:
+            info["labels"] = names
+        keys = np.fromiter((ids_key(ids) for ids in dataset.columns[0]), dtype=np.int64, count=len(dataset))
+    elif disk:
         dataset = LineCorpus(path, tokenizer, config.max_seq_length, out / "corpus-index", config.encoding_errors)
         info = {"examples": len(dataset), "loading": "disk", "train_file": path.name}
         keys = np.asarray(dataset.keys)
@@ -451,7 +476,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     resume = resumable_checkpoint(out / CHECKPOINTS) if config.resume else None
     # Everything random from here on (heads, discriminator, data order, dropout, masking) follows the seed.
     set_seed(config.seed)
-    model = build_model(config, model_path, tokenizer)
+    model = build_model(config, model_path, tokenizer, len(data_info.get("labels", ())))
     model._keys_to_ignore_on_save = shared_tensor_names(model)
     packed = {"encoder": model.encoder.packing}
     if hasattr(model, "discriminator"):
@@ -470,7 +495,7 @@ def _train(config: TrainConfig, model_path: str, out: Path, device: str) -> dict
     totals = resume.totals if resume is not None else RunTotals()
     guard = NonFiniteGuard(config.on_nonfinite, config.max_skipped_steps, totals.skipped_steps)
     sampler = None
-    if config.distinct_batches and config.objective != "mlm":
+    if config.distinct_batches and config.objective not in ("mlm", *PAIR_OBJECTIVES):  # no negatives there
         # The loss sees one batch per step from every process: that is the group kept duplicate-free.
         sampler = DistinctBatchSampler(keys, config.batch_size * args.world_size, args.data_seed or config.seed)
     trainer = ContrastiveTrainer(
