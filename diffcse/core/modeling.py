@@ -165,20 +165,24 @@ class SentenceEncoder(Packable, nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         apply_head: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """Encode a batch; the head applies in training, and at inference unless mlp_only_train.
 
         apply_head=False leaves `embedding` as the pooled vector (gradient caching projects the
-        whole batch at once later, so the head's BatchNorm sees the whole batch).
+        whole batch at once later, so the head's BatchNorm sees the whole batch). `inputs_embeds`
+        ([B, L, H] word embeddings) replaces the ids' own, e.g. perturbed ones (adversarial views).
         """
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        kwargs = {"attention_mask": attention_mask}
+        kwargs.update({"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids})
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         need_hidden = self.pooler in ("avg_first_last", "avg_top2")
         packing = self.packing_for(attention_mask)
         if packing is not None:
             packed = self.backbone(
-                **packed_inputs(self.backbone, packing, input_ids, token_type_ids=token_type_ids),
+                **packed_inputs(self.backbone, packing, input_ids, token_type_ids=token_type_ids,
+                                inputs_embeds=inputs_embeds),
                 output_hidden_states=need_hidden,
                 return_dict=True,
             )

@@ -239,6 +239,31 @@ def check_type(spec: FieldSpec, value: Any, where: str) -> None:
         raise InputError(f"{where}: expected {spec.kind.__name__}, got {value!r}")
 
 
+def check_fields(config: object) -> None:
+    """Every field's value against its declared type, choices and bounds; InputError naming the field.
+
+    The parser checks what comes from the command line; this checks what comes from YAML files
+    and Python, so a config is held to the same rules however it was made.
+    """
+    for spec in fields_of(type(config)):
+        value = getattr(config, spec.name)
+        check_type(spec, value, spec.name)
+        if value is None:
+            continue
+        items = value if spec.kind is list else [value]
+        choices, lo, hi = spec.meta.get("choices"), spec.meta.get("min"), spec.meta.get("max")
+        for item in items:
+            if choices and item not in choices:
+                raise InputError(f"{spec.name}: {item!r} is not one of {', '.join(map(str, choices))}")
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise InputError(f"{spec.name}: must be a finite number, got {item}")
+                if lo is not None and item < lo:
+                    raise InputError(f"{spec.name}: must be >= {lo}, got {item}")
+                if hi is not None and item > hi:
+                    raise InputError(f"{spec.name}: must be <= {hi}, got {item}")
+
+
 def from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
     """Build `cls` from `base` (e.g. a YAML file's values) overridden by the options given; validate it."""
     values = dict(base or {})

@@ -134,15 +134,19 @@ def max_positions(config: object) -> int | None:
 
 
 def packed_inputs(backbone: nn.Module, packing: Packing, input_ids: torch.Tensor, **extra: torch.Tensor | None) -> dict:
-    """The keyword arguments for one packed forward of `backbone` (ids, positions, packing, extras)."""
+    """The keyword arguments for one packed forward of `backbone` (ids, positions, packing, extras).
+
+    An `inputs_embeds` extra replaces the ids (the model embeds no tokens itself then).
+    """
     kwargs: dict = {
-        "input_ids": packing.pack(input_ids),
         "position_ids": (packing.columns + position_offset(backbone)).unsqueeze(0),
         PACKING_KWARG: packing,
     }
     for name, value in extra.items():
         if value is not None:
             kwargs[name] = packing.pack(value)
+    if "inputs_embeds" not in kwargs:
+        kwargs["input_ids"] = packing.pack(input_ids)
     return kwargs
 
 

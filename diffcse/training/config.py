@@ -14,10 +14,10 @@ from typing import Any
 
 from diffcse.core.errors import InputError
 from diffcse.core.io import write_text_atomic
-from diffcse.core.options import opt, read_yaml
+from diffcse.core.options import check_fields, opt, read_yaml
 from diffcse.core.runtime import PRECISIONS
 
-OBJECTIVES = ("simcse", "sup-simcse", "diffcse", "mlm", "sbert-softmax", "sbert-cosine")
+OBJECTIVES = ("simcse", "sup-simcse", "diffcse", "uscal", "mlm", "sbert-softmax", "sbert-cosine")
 # Objectives trained on labelled pairs (a CSV sentence1,sentence2,label|score); their target column.
 PAIR_OBJECTIVES = {"sbert-softmax": "label", "sbert-cosine": "score"}
 # Training heads (diffcse.core.modeling.HEADS) plus "auto": the objective's recipe.
@@ -30,6 +30,8 @@ CORPUS_LOADING = ("auto", "memory", "disk")
 # field the user left unset.
 RECIPES: dict[str, dict[str, Any]] = {
     "simcse": {"head": "mlp", "learning_rate": 3e-5, "num_epochs": 1.0, "batch_size": 64},
+    # USCAL trains SimCSE's recipe with its adversarial view added.
+    "uscal": {"head": "mlp", "learning_rate": 3e-5, "num_epochs": 1.0, "batch_size": 64},
     "sup-simcse": {"head": "mlp", "learning_rate": 5e-5, "num_epochs": 3.0, "batch_size": 512},
     "diffcse": {"head": "batchnorm", "learning_rate": 7e-6, "num_epochs": 2.0, "batch_size": 64,
                 "mask_ratio": 0.30, "lambda_weight": 0.005},
@@ -128,6 +130,12 @@ class TrainConfig:
     mlm_weight: float = opt(0.0, "simcse/sup-simcse/diffcse: add mlm_weight x an MLM loss on the first view "
                             "(SimCSE's do_mlm; its value 0.1)", min=0.0)
     mlm_probability: float = opt(0.15, "share of tokens the masked-LM collator masks (objective mlm, mlm_weight)")
+    # USCAL's adversarial view (objective: uscal).
+    adv_epsilon: float = opt(1.0, "uscal: size of the word-embedding perturbation of each sentence (our default)",
+                             min=1e-12)
+    adv_norm: str = opt("l2", "uscal: the perturbation's norm", choices=("l2", "linf"))
+    adv_steps: int = opt(1, "uscal: 1 = one step along the contrastive gradient; k = k-1 more projected steps", min=1)
+    adv_weight: float = opt(1.0, "uscal: weight of the adversarial InfoNCE term", min=0.0)
     # Sentence-BERT's pair objectives (sbert-softmax, sbert-cosine).
     score_scale: float = opt(1.0, "sbert-cosine: scores are divided by this to give the cosine target "
                              "(5 for 0..5 STS scores)", min=1e-9)
@@ -138,8 +146,7 @@ class TrainConfig:
         The resolved values are stored back on the config, so the saved train_config.yaml (and a
         --resume from it) records what was actually trained.
         """
-        if self.objective not in OBJECTIVES:
-            raise InputError(f"objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        check_fields(self)
         if self.head not in HEADS:
             raise InputError(f"head: {self.head!r} is not one of {', '.join(HEADS)}")
         recipe = RECIPES[self.objective]
@@ -196,8 +203,9 @@ class TrainConfig:
             raise InputError(f"mlm_probability: must be in (0, 1), got {self.mlm_probability}")
         if self.objective == "mlm" and self.mlm_weight:
             raise InputError("mlm_weight: adds an MLM term to a contrastive objective; objective mlm is all MLM")
-        if self.grad_cache_chunk is not None and (self.objective == "mlm" or self.mlm_weight):
-            raise InputError("grad_cache_chunk: gradient caching applies to the contrastive objectives without mlm_weight")
+        if self.grad_cache_chunk is not None and (self.objective in ("mlm", "uscal") or self.mlm_weight):
+            raise InputError("grad_cache_chunk: gradient caching applies to simcse, sup-simcse and diffcse without "
+                             "mlm_weight")
         if self.objective in PAIR_OBJECTIVES:
             if self.train_file is None:
                 raise InputError(f"train_file: {self.objective} needs a CSV with sentence1,sentence2,"

@@ -56,6 +56,7 @@ from diffcse.training.data import (
 from diffcse.training.distributed import convert_batchnorm
 from diffcse.training.gradcache import all_reduce_gradients, cached_step
 from diffcse.training.guard import GuardedAdamW, NonFiniteGuard, TrainingDiverged
+from diffcse.training.objectives.adversarial import AdversarialContrastiveModel
 from diffcse.training.objectives.contrastive import ContrastiveModel
 from diffcse.training.objectives.infonce import InfoNCE
 from diffcse.training.objectives.mlm import (
@@ -116,6 +117,9 @@ def build_model(config: TrainConfig, model_path: str, tokenizer: object, num_lab
         from diffcse.training.objectives.diffcse import DiffCSEModel
 
         model = DiffCSEModel.from_config(config, encoder, loss, tokenizer, model_path)
+    elif config.objective == "uscal":
+        model = AdversarialContrastiveModel(encoder, loss, config.adv_epsilon, config.adv_norm, config.adv_steps,
+                                            config.adv_weight)
     else:
         model = ContrastiveModel(encoder, loss)
     model.gather_negatives = config.gather_negatives
