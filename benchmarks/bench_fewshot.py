@@ -69,7 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=["MR", "CR", "SUBJ", "TREC", "MRPC"])
     p.add_argument("--shots", nargs="+", type=int, default=[8, 32])
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--losses", nargs="+", default=["cce", "cce+proxyanchor", "cce+softtriple", "tripleentropy", "cce+supcon"])
+    p.add_argument("--losses", nargs="+", default=["cce", "cce+proxyanchor", "cce+softtriple", "tripleentropy", "cce+supcon"],
+                   help="loss specs, e.g. cce+scal cce+clld cce+moscl cce+ensemble jcc (docs/finetune.md)")
+    p.add_argument("--loss-param", action="append", default=[], metavar="TERM.ARG=V",
+                   help="argument of a term for every loss in the grid that has the term, e.g. scal.epsilon=0.5, "
+                        "moscl.method=linear (repeatable)")
     p.add_argument("--train-layers", type=int, default=1)
     p.add_argument("--epochs", type=int, default=10, help="epochs over the k-shot set, clamped to --min/--max-steps")
     p.add_argument("--min-steps", type=int, default=20)
@@ -208,7 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from diffcse.core.runtime import set_threads
     from diffcse.finetune import FinetuneConfig, Finetuner, load_fewshot_task, make_episode
+    from diffcse.finetune.config import parse_params
     from diffcse.finetune.losses import parse_loss_spec
+
+    grid_params = parse_params(args.loss_param)
+
+    def params_for(loss: str) -> dict:
+        """The --loss-param arguments of the terms this loss has."""
+        terms = parse_loss_spec(loss).terms
+        return {t: dict(a) for t, a in grid_params.items() if t in terms}
+
+    unused = sorted(set(grid_params) - {t for loss in args.losses for t in parse_loss_spec(loss).terms})
+    if unused:
+        raise SystemExit(f"--loss-param: no loss in --losses has the term(s) {', '.join(unused)}")
 
     set_threads(args.threads)
     out = Path(args.out)
@@ -232,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr, "head_lr": args.head_lr, "proxy_lr": args.proxy_lr, "max_seq_length": args.max_seq_length,
         "max_test": args.max_test, "test_fraction": args.test_fraction, "threads": args.threads,
         "cpu": f"{os.cpu_count()} CPU cores ({platform.machine()}), shared", "machine": machine_probe(),
-        "loss_specs": {loss: asdict(parse_loss_spec(loss)) for loss in args.losses},
+        "loss_specs": {loss: asdict(parse_loss_spec(loss, params=params_for(loss))) for loss in args.losses},
         "protocol": {},
     }
     t_start = time.perf_counter()
@@ -261,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                         loss=loss, shots=shots, max_steps=steps, batch_size=args.batch_size,
                         lr=args.lr, head_lr=args.head_lr, proxy_lr=args.proxy_lr,
                         max_seq_length=args.max_seq_length, train_layers=args.train_layers,
+                        loss_params=params_for(loss),
                     )
                     t0 = time.perf_counter()
                     res = tuner.run(episode, cfg)
@@ -270,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                         "n_train": res.n_train, "n_test": res.n_test, "steps": res.steps,
                         "train_seconds": round(res.train_seconds, 2), "seconds": round(time.perf_counter() - t0, 2),
                         "loss_first": res.loss_first, "loss_last": res.loss_last,
+                        "learned_weights_last": res.learned_weights[-1] if res.learned_weights else None,
                     })
                     proxy = "" if res.accuracy_proxy is None else f" proxy {100 * res.accuracy_proxy:.1f}"
                     print(f"[{(time.perf_counter() - t_start) / 60:5.1f} min] {loaded.name} k={shots} seed={seed} "

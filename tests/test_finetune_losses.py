@@ -98,7 +98,8 @@ def test_tripleentropy_uses_the_papers_weighting() -> None:
     assert st.gamma == pytest.approx(1 / 0.1)  # pml stores 1/gamma
 
 
-@pytest.mark.parametrize("spec_text", ["cce", *DML_LOSSES, "cce+proxyanchor", "tripleentropy", "cce+supcon"])
+@pytest.mark.parametrize("spec_text", ["cce", *DML_LOSSES, "cce+proxyanchor", "tripleentropy", "cce+supcon",
+                                       "jcc", "cce+moscl"])
 def test_each_loss_decreases_when_optimising_handmade_embeddings(spec_text: str) -> None:
     x, y = handmade(seed=3)
     emb = torch.nn.Parameter(x.clone())

@@ -1,4 +1,4 @@
-"""Few-shot supervised fine-tuning with CCE and distance-metric-learning losses (SentEval transfer tasks).
+"""Few-shot supervised fine-tuning with CCE, distance-metric-learning losses and our objectives (SentEval transfer tasks).
 
 Names are imported lazily, so ``import diffcse.finetune.names`` (the CLI's choices) stays cheap.
 """
@@ -11,9 +11,11 @@ _EXPORTS = {
     "data": ("CV_TASKS", "FEWSHOT_TASKS", "Episode", "Examples", "LoadedTask", "load_fewshot_task", "make_episode"),
     "losses": (
         "ALIASES", "DML_LOSSES", "LOSS_TERMS", "PROXY_LOSSES", "CombinedLoss", "LossSpec", "build_dml_loss",
-        "parse_loss_spec", "predict_nearest_proxy", "proxy_scores",
+        "parse_loss_spec", "predict_nearest_proxy", "proxy_scores", "LossContext", "OBJECTIVES",
+        "check_spec_classes",
     ),
-    "model": ("Featurizer", "FineTuneModel", "pair_features"),
+    "model": ("EncoderInputs", "Featurizer", "FineTuneModel", "pair_features"),
+    "front": ("scl_front",),
     "sampling": ("holdout_split", "sample_per_class", "stratified_cap"),
     "config": ("FinetuneConfig",),
     "train": ("Finetuner", "RunResult", "run_finetune", "summarize"),

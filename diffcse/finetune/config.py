@@ -12,7 +12,8 @@ from diffcse.finetune.names import ALIASES, FEWSHOT_TASKS, LOSS_TERMS
 INFERENCE = ("classifier", "proxy")
 _LOSS_HELP = (
     f"'+'-joined terms from {', '.join(LOSS_TERMS)}, or {', '.join(ALIASES)} "
-    "(= 0.4 cce + 0.6 softtriple with the TripleEntropy paper's SoftTriple settings); e.g. cce+proxyanchor"
+    "(= 0.4 cce + 0.6 softtriple with the TripleEntropy paper's SoftTriple settings); e.g. cce+proxyanchor, "
+    "cce+scal, cce+clld, cce+moscl, cce+ensemble, jcc (docs/finetune.md)"
 )
 
 
@@ -75,10 +76,11 @@ class FinetuneConfig:
                                          parse=parse_weights, format=format_weights, metavar="TERM=W",
                                          aliases=("--loss-weight",))
     loss_params: dict[str, dict[str, Any]] = opt(
-        default_factory=dict, help="pytorch-metric-learning argument of a term, e.g. softtriple.la=8 (repeatable)",
+        default_factory=dict, help="argument of a term (pml class or objective), e.g. softtriple.la=8, "
+        "scal.epsilon=1.0, moscl.method=linear (repeatable)",
         parse=parse_params, format=format_params, metavar="TERM.ARG=V", aliases=("--loss-param",))
     inference: str = opt("classifier", "predict with the classification head, or the nearest proxy of the "
-                         "(first) proxy loss", choices=INFERENCE)
+                         "(first) proxy term (proxy losses, jcc's prototypes)", choices=INFERENCE)
     seeds: int = opt(5, "number of seeds (episodes) to average over", min=1)
     first_seed: int = opt(0, "seed of the first episode")
     pooler: str | None = opt(None, "pooling (default: the folder's own, else [CLS])",
@@ -115,7 +117,8 @@ class FinetuneConfig:
             raise InputError(f"inference: unknown {self.inference!r}; choose from {', '.join(INFERENCE)}")
         if self.inference == "proxy" and not spec.proxy_terms:
             raise InputError(
-                f"inference: 'proxy' needs a proxy loss (proxyanchor, softtriple, proxynca); loss {self.loss!r} has none"
+                f"inference: 'proxy' needs a proxy loss (proxyanchor, softtriple, proxynca, jcc, or an ensemble "
+                f"with a proxy member); loss {self.loss!r} has none"
             )
         for name in ("seeds", "epochs", "batch_size", "max_seq_length"):
             if getattr(self, name) < 1:

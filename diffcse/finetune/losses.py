@@ -1,24 +1,37 @@
-"""Fine-tuning losses: CCE, pytorch-metric-learning DML losses, and weighted sums of them.
+"""Fine-tuning losses: CCE, pytorch-metric-learning DML losses, our objectives, and weighted sums of them.
 
 A loss spec is a ``+``-joined list of terms, e.g. ``cce``, ``cce+proxyanchor``, ``softtriple``,
-or the alias ``tripleentropy``. Each DML term is pytorch-metric-learning's own loss object; the
-total is ``sum(weight_i * term_i)``. The DML terms see the same feature vector the classification
-head sees (the pooled sentence embedding, or the pair features for sentence-pair tasks).
+``cce+scal``, or the alias ``tripleentropy``. Each DML term is pytorch-metric-learning's own loss
+object; the objectives (scal, clld, moscl, ensemble, jcc) are diffcse.finetune.objectives
+modules. The total is ``sum(weight_i * term_i)``. Every term sees the same feature vector the
+classification head sees (the pooled sentence embedding, or the pair features for sentence-pair
+tasks); objectives may also use a LossContext (the encoder's inputs, the head, the shared
+parameters) that the training loop hands over.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcse.finetune.names import ALIASES, CCE, DML_LOSSES, LOSS_TERMS, PROXY_LOSSES
+from diffcse.finetune.names import (
+    ALIASES,
+    CCE,
+    DML_LOSSES,
+    ENSEMBLE_DEFAULT_MEMBERS,
+    LOSS_TERMS,
+    OBJECTIVES,
+    PROXY_LOSSES,
+)
+from diffcse.finetune.objectives.base import LossContext, Objective
 
-__all__ = ["ALIASES", "CCE", "DML_LOSSES", "LOSS_TERMS", "PROXY_LOSSES"]
+__all__ = ["ALIASES", "CCE", "DML_LOSSES", "LOSS_TERMS", "OBJECTIVES", "PROXY_LOSSES", "LossContext"]
 
 
 @dataclass
@@ -41,8 +54,16 @@ class LossSpec:
 
     @property
     def proxy_terms(self) -> list[str]:
-        """The proxy-based DML terms (those usable for nearest-proxy inference)."""
-        return [t for t in self.weights if t in PROXY_LOSSES]
+        """The terms usable for nearest-proxy inference: proxy DML losses, jcc, an ensemble with a proxy member."""
+        out = []
+        for t in self.weights:
+            if t in PROXY_LOSSES or t == "jcc":
+                out.append(t)
+            elif t == "ensemble":
+                members = str(self.params.get(t, {}).get("members", ENSEMBLE_DEFAULT_MEMBERS))
+                if any(m.strip().lower() in PROXY_LOSSES for m in members.split(",")):
+                    out.append(t)
+        return out
 
 
 def parse_loss_spec(
@@ -77,7 +98,7 @@ def parse_loss_spec(
     merged = {k: dict(v) for k, v in base_params.items()}
     for name, kwargs in (params or {}).items():
         if name not in w or name == CCE:
-            raise ValueError(f"loss param: {name!r} is not a DML term of loss {spec!r}")
+            raise ValueError(f"loss param: {name!r} is not a DML term or objective of loss {spec!r}")
         merged.setdefault(name, {}).update(kwargs)
     for name, kwargs in merged.items():
         check_loss_params(name, kwargs)
@@ -98,9 +119,14 @@ def _pml_class(name: str) -> type:
 
 
 def check_loss_params(name: str, kwargs: dict[str, Any]) -> None:
-    """Fail naming the argument when a DML term's pytorch-metric-learning class does not take it."""
+    """Fail naming the argument when a term does not take it (pml class or objective), or a value is bad."""
+    if name in OBJECTIVES:
+        from diffcse.finetune.objectives import objective_class
+
+        objective_class(name).check_params(kwargs)
+        return
     if name not in DML_LOSSES:
-        raise ValueError(f"loss: unknown DML term {name!r}; known: {', '.join(DML_LOSSES)}")
+        raise ValueError(f"loss: unknown DML term {name!r}; known: {', '.join([*DML_LOSSES, *OBJECTIVES])}")
     accepted = set(inspect.signature(_pml_class(name).__init__).parameters) - {"self", "kwargs"}
     # Set by us (proxy losses) or objects the command line cannot express.
     accepted -= {"num_classes", "embedding_size"}
@@ -112,12 +138,25 @@ def check_loss_params(name: str, kwargs: dict[str, Any]) -> None:
 
 
 def build_dml_loss(name: str, num_classes: int, embedding_size: int, **kwargs: Any) -> nn.Module:
-    """Construct pytorch-metric-learning's loss for a term, checking the argument names first."""
+    """Construct a term's loss module (pml class or objective), checking the arguments first."""
+    if name in OBJECTIVES:
+        from diffcse.finetune.objectives import build_objective
+
+        return build_objective(name, num_classes, embedding_size, **kwargs)
     check_loss_params(name, kwargs)
     cls = _pml_class(name)
     if name in PROXY_LOSSES:
         return cls(num_classes=num_classes, embedding_size=embedding_size, **kwargs)
     return cls(**kwargs)
+
+
+def check_spec_classes(spec: LossSpec, num_classes: int) -> None:
+    """Checks that need the task's number of classes (a label-distance file's size), before a model loads."""
+    distances = spec.params.get("clld", {}).get("distances")
+    if "clld" in spec.weights and distances is not None:
+        from diffcse.finetune.objectives.clld import check_label_distances
+
+        check_label_distances(Path(str(distances)), num_classes)
 
 
 @dataclass
@@ -129,7 +168,7 @@ class LossOutput:
 
 
 class CombinedLoss(nn.Module):
-    """``sum(w_i * term_i)`` over CCE and pytorch-metric-learning losses.
+    """``sum(w_i * term_i)`` over CCE, pytorch-metric-learning losses and our objectives.
 
     Without a CCE term the head is still fitted with CCE on the logits given, which the caller
     computes from detached features (a linear probe): classifier inference keeps working while
@@ -149,19 +188,49 @@ class CombinedLoss(nn.Module):
         )
 
     def proxy_parameters(self) -> list[nn.Parameter]:
-        """The DML losses' own trainable parameters (proxies / SoftTriple centers)."""
+        """The terms' own trainable parameters (proxies, SoftTriple centers, prototypes, label embeddings, learned loss weights)."""
         return list(self.dml.parameters())
 
-    def forward(self, logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        """Compute the weighted total from classifier logits and the features the DML terms use."""
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether a term needs the encoder's inputs in the LossContext (scal)."""
+        return any(isinstance(m, Objective) and m.needs_inputs for m in self.dml.values())
+
+    def learned_weights(self) -> dict[str, float]:
+        """The loss weights learned by the terms now ({'ensemble.supcon': w, ...}; empty if none)."""
+        return {f"{t}.{k}": v for t, m in self.dml.items() if isinstance(m, Objective)
+                for k, v in m.learned_weights().items()}
+
+    def proxy_module(self) -> nn.Module:
+        """The module nearest-proxy inference reads: the first proxy term (an ensemble's first proxy member)."""
+        for term in self.spec.proxy_terms:
+            module = self.dml[term]
+            if hasattr(module, "proxy_member"):
+                module = module.proxy_member()
+            if module is not None:
+                return module
+        raise ValueError(f"loss {self.spec.name!r} has no proxy term; nearest-proxy inference needs one")
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        context: LossContext | None = None,
+    ) -> LossOutput:
+        """Compute the weighted total from classifier logits and the features the other terms use."""
         total = features.new_zeros(())
         parts: dict[str, float] = {}
         for term, weight in self.spec.weights.items():
+            extra: dict[str, float] = {}
             if term == CCE:
                 value = F.cross_entropy(logits, labels)
+            elif isinstance(self.dml[term], Objective):
+                value, extra = self.dml[term](features, labels, context)
             else:
                 value = self.dml[term](features, labels)
             parts[term] = float(value.detach())
+            parts.update(extra)
             total = total + weight * value
         if not self.spec.has_cce:
             # Linear probe: the caller computes these logits from detached features, so this

@@ -7,6 +7,10 @@ multi-seed, multi-loss few-shot benchmark affordable on a CPU.
 
 Sentence pairs (MRPC) are encoded one sentence at a time and fed to the head and the DML losses
 as SentEval's pair features ``[|u - v|, u * v]``.
+
+Objectives that perturb the input (SCAL) go through ``inputs`` / ``features_from``: the tensors
+entering the trainable part (word embeddings with full fine-tuning, the cached hidden states with
+partial fine-tuning) are built first, so they can be differentiated and perturbed.
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ def _view(backbone: nn.Module, layers: Sequence[nn.Module], embeddings: nn.Modul
     if "pooler" in view._modules:
         view.pooler = None
     return view
+
+
+@dataclass
+class EncoderInputs:
+    """What enters the trainable part of the encoder for one batch of sentences (one side of a pair)."""
+
+    embeds: torch.Tensor  # [B, T, H]: word embeddings, or the frozen layers' cached output
+    mask: torch.Tensor  # [B, T] attention mask
+    token_type_ids: torch.Tensor | None
+    kind: str  # "word embeddings" or "cached hidden states"
 
 
 @dataclass
@@ -160,16 +174,49 @@ class Featurizer:
             batch = self.tokenizer.pad([prepared.items[i] for i in idx], return_tensors="pt")
             batch = {k: v.to(self.device) for k, v in batch.items()}
             return self.encoder(**batch).pooled
+        hidden, mask = self._cached_batch(prepared, idx)
+        outputs = self.top(inputs_embeds=hidden, attention_mask=mask, return_dict=True)
+        return pool(outputs, mask, self.encoder.pooler, False)
+
+    def _cached_batch(self, prepared: Prepared, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached hidden states of the chosen texts, right-padded, and their attention mask."""
         seqs = [prepared.items[i] for i in idx]
         width = max(len(s) for s in seqs)
-        hidden = torch.zeros(len(seqs), width, seqs[0].shape[-1])
+        dtype = next(self.encoder.parameters()).dtype  # the cache is float32; a float64 model reads float64
+        hidden = torch.zeros(len(seqs), width, seqs[0].shape[-1], dtype=dtype)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for row, s in enumerate(seqs):
             hidden[row, : len(s)] = s
             mask[row, : len(s)] = 1
-        hidden, mask = hidden.to(self.device), mask.to(self.device)
-        outputs = self.top(inputs_embeds=hidden, attention_mask=mask, return_dict=True)
-        return pool(outputs, mask, self.encoder.pooler, False)
+        return hidden.to(self.device), mask.to(self.device)
+
+    def inputs(self, prepared: Prepared, idx: Sequence[int]) -> EncoderInputs:
+        """The tensors entering the trainable part for the chosen texts, differentiable (for perturbations).
+
+        Full fine-tuning: the word embeddings of the tokens (before position and token-type
+        embeddings, as HF's ``inputs_embeds``). Partial fine-tuning: the cached output of the
+        frozen layers, as a leaf that requires grad.
+        """
+        if self.top is None:
+            batch = self.tokenizer.pad([prepared.items[i] for i in idx], return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            embeds = self.encoder.backbone.get_input_embeddings()(batch["input_ids"])
+            return EncoderInputs(embeds, batch["attention_mask"], batch.get("token_type_ids"), "word embeddings")
+        hidden, mask = self._cached_batch(prepared, idx)
+        return EncoderInputs(hidden.requires_grad_(True), mask, None, "cached hidden states")
+
+    def embed_inputs(self, inputs: EncoderInputs, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled vectors from `inputs` (or from `embeds` in their place, e.g. perturbed), through the trainable part."""
+        x = inputs.embeds if embeds is None else embeds
+        if self.top is not None:
+            outputs = self.top(inputs_embeds=x, attention_mask=inputs.mask, return_dict=True)
+            return pool(outputs, inputs.mask, self.encoder.pooler, False)
+        kwargs = {"inputs_embeds": x, "attention_mask": inputs.mask}
+        if inputs.token_type_ids is not None:
+            kwargs["token_type_ids"] = inputs.token_type_ids
+        need_hidden = self.encoder.pooler in ("avg_first_last", "avg_top2")
+        outputs = self.encoder.backbone(**kwargs, output_hidden_states=need_hidden, return_dict=True)
+        return pool(outputs, inputs.mask, self.encoder.pooler, self.encoder.use_backbone_pooler)
 
     def train(self, mode: bool = True) -> None:
         """Set train/eval mode on the encoder (dropout in the trainable layers)."""
@@ -201,3 +248,16 @@ class FineTuneModel(nn.Module):
         if second is None:
             raise ValueError("a pair task needs the second sentences")
         return pair_features(u, self.featurizer.embed(second, idx))
+
+    def inputs(self, first: Prepared, idx: Sequence[int], second: Prepared | None = None) -> list[EncoderInputs]:
+        """The encoder inputs of the chosen examples: one entry, or two for a pair task."""
+        if self.pair and second is None:
+            raise ValueError("a pair task needs the second sentences")
+        out = [self.featurizer.inputs(first, idx)]
+        return out + [self.featurizer.inputs(second, idx)] if self.pair else out
+
+    def features_from(self, inputs: list[EncoderInputs], embeds: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The feature vectors computed from encoder inputs (or from `embeds` replacing them, e.g. perturbed)."""
+        xs = [None] * len(inputs) if embeds is None else embeds
+        vecs = [self.featurizer.embed_inputs(i, x) for i, x in zip(inputs, xs, strict=True)]
+        return pair_features(*vecs) if self.pair else vecs[0]

@@ -11,7 +11,11 @@ PAIR_TASKS = ("MRPC",)
 CCE = "cce"
 DML_LOSSES = ("proxyanchor", "softtriple", "supcon", "proxynca", "tripletmargin")
 PROXY_LOSSES = ("proxyanchor", "softtriple", "proxynca")
-LOSS_TERMS = (CCE, *DML_LOSSES)
+# Our own objectives (diffcse.finetune.objectives): SCAL, CLLD, SCL as two-objective optimisation,
+# learned loss ensembles, the joint contrastive (prototype) classifier.
+OBJECTIVES = ("scal", "clld", "moscl", "ensemble", "jcc")
+LOSS_TERMS = (CCE, *DML_LOSSES, *OBJECTIVES)
+ENSEMBLE_DEFAULT_MEMBERS = "supcon,proxyanchor"
 
 # TripleEntropy (Sosnowski et al. 2021/2022): beta * CCE + (1 - beta) * SoftTriple, with the
 # authors' train_cross_validation.py defaults beta=0.4, la=8, gamma=0.1, margin=0.1, 5 centers.

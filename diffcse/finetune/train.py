@@ -6,7 +6,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,13 @@ from diffcse.core.folder import model_name
 from diffcse.core.io import write_json_atomic
 from diffcse.finetune.config import FinetuneConfig
 from diffcse.finetune.data import Episode, Examples, LoadedTask, load_fewshot_task, make_episode
-from diffcse.finetune.losses import CombinedLoss, LossSpec, predict_nearest_proxy
+from diffcse.finetune.losses import (
+    CombinedLoss,
+    LossContext,
+    LossSpec,
+    check_spec_classes,
+    predict_nearest_proxy,
+)
 from diffcse.finetune.model import Featurizer, FineTuneModel, Prepared
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,8 @@ class RunResult:
     loss_first: dict[str, float]
     loss_last: dict[str, float]
     loss_history: list[float]
+    # Per step, the loss weights learned by the terms (ensemble), e.g. {"ensemble.supcon": 0.93}.
+    learned_weights: list[dict[str, float]] = field(default_factory=list)
 
 
 class Finetuner:
@@ -112,6 +120,7 @@ class Finetuner:
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
         rng = np.random.default_rng(seed)
         history: list[float] = []
+        learned: list[dict[str, float]] = []
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         order = np.empty(0, dtype=np.int64)
@@ -121,9 +130,19 @@ class Finetuner:
             if len(order) < bs:
                 order = np.concatenate([order, rng.permutation(n)])
             idx, order = order[:bs], order[bs:]
-            features = model.features(train_a, idx, train_b)
+            if loss_fn.needs_inputs:
+                inputs = model.inputs(train_a, idx, train_b)
+                features = model.features_from(inputs)
+                context = LossContext(
+                    head=model.head, inputs=[i.embeds for i in inputs], masks=[i.mask for i in inputs],
+                    encode=lambda xs, inputs=inputs: model.features_from(inputs, xs),
+                    params=feat.trainable_parameters(), input_kind=inputs[0].kind,
+                )
+            else:
+                features = model.features(train_a, idx, train_b)
+                context = LossContext(head=model.head, params=feat.trainable_parameters())
             logits = model.head(features if spec.has_cce else features.detach())
-            out = loss_fn(logits, features, y[idx])
+            out = loss_fn(logits, features, y[idx], context)
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             params = [p for g in groups for p in g["params"]]
@@ -132,6 +151,10 @@ class Finetuner:
             optimizer.step()
             scheduler.step()
             history.append(float(out.total.detach()))
+            weights_now = loss_fn.learned_weights()
+            if weights_now:
+                learned.append(weights_now)
+                log.debug("step %d learned loss weights %s", step, weights_now)
             if step == 0:
                 first = out.parts
             last = out.parts
@@ -143,7 +166,7 @@ class Finetuner:
         return RunResult(
             seed=seed, n_train=n, n_test=len(episode.test), steps=steps, accuracy=float(acc),
             accuracy_classifier=acc_cls, accuracy_proxy=acc_proxy, train_seconds=train_seconds,
-            loss_first=first, loss_last=last, loss_history=history,
+            loss_first=first, loss_last=last, loss_history=history, learned_weights=learned,
         )
 
     def export(self, feat: Featurizer, model: FineTuneModel, loss_fn: CombinedLoss, out_dir: Path) -> None:
@@ -183,7 +206,7 @@ def evaluate(
         acc_cls = float((model.head(feats).argmax(1) == y).float().mean())
         acc_proxy = None
         if spec.proxy_terms:
-            pred = predict_nearest_proxy(loss_fn.dml[spec.proxy_terms[0]], feats)
+            pred = predict_nearest_proxy(loss_fn.proxy_module(), feats)
             acc_proxy = float((pred == y).float().mean())
     finally:
         model.train(was)
@@ -209,6 +232,7 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedTask | None = None, tuner: F
     """Fine-tune over cfg.seeds seeds; write <output_dir>/<run>/results.json and return the summary."""
     spec = cfg.validate()
     loaded = loaded or load_fewshot_task(cfg.task, cfg.senteval_data)
+    check_spec_classes(spec, loaded.nclasses)
     # Draw every episode before loading the model, so bad shots fail fast.
     seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
     episodes = [make_episode(loaded, cfg.shots, seed, cfg.test_fraction, cfg.max_test) for seed in seeds]
@@ -237,5 +261,9 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedTask | None = None, tuner: F
         "config": {k: (model_name(v) if k == "model" and v else v) for k, v in asdict(cfg).items()},
         "runs": [asdict(r) for r in runs],
     }
+    finals = [r.learned_weights[-1] for r in runs if r.learned_weights]
+    if finals:
+        # Mean over seeds of each learned weight at the last step (per-step values are in runs).
+        summary["learned_loss_weights"] = {k: float(np.mean([f[k] for f in finals])) for k in finals[0]}
     write_json_atomic(out / "results.json", summary)
     return summary

@@ -136,7 +136,7 @@ class SCAL(Objective):
         self, features: torch.Tensor, labels: torch.Tensor, context: LossContext | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """InfoNCE(perturbed → clean) for the batch whose clean features are `features`."""
-        if context is None or context.inputs is None or context.encode is None or context.head is None:
+        if context is None or None in (context.inputs, context.masks, context.encode, context.head):
             raise ValueError("loss scal needs the encoder's inputs and the head (run it through Finetuner)")
         if not self._said_where:
             log.info("scal: perturbing the %s entering the trainable encoder", context.input_kind)
