@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffcse.core.errors import InputError
-from diffcse.core.options import opt
+from diffcse.core.options import check_fields, opt
 from diffcse.finetune.names import ALIASES, FEWSHOT_TASKS, LOSS_TERMS
 
 INFERENCE = ("classifier", "proxy")
@@ -109,6 +109,7 @@ class FinetuneConfig:
         """Check the fields against each other; return the parsed loss spec."""
         from diffcse.finetune.losses import parse_loss_spec
 
+        check_fields(self)
         self.task = self.task.upper()
         if self.task not in FEWSHOT_TASKS:
             raise InputError(f"task: unknown task {self.task!r}; choose from {', '.join(FEWSHOT_TASKS)}")
