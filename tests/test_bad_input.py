@@ -52,6 +52,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: str) -> dict[
     shutil.copy(Path(tiny_bert_dir) / "config.json", no_tok / "config.json")
     shutil.copy(Path(tiny_bert_dir) / "model.safetensors", no_tok / "model.safetensors")
     (t / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (t / "dev.tsv").write_text("sentence1\tsentence2\tscore\na man\ta dog\t1\nthe cat\ta car\tlots\n")
+    (t / "pairs.csv").write_text("sent0,positive\na man,a dog\n")
     export = t / "export"
     assert cli_main(["train", "--model", tiny_bert_dir, "--train-file", str(t / "corpus.txt"), "--output-dir",
                      str(export), "--batch-size", "8", "--max-steps", "1", "--no-do-eval", "--precision", "fp32",
@@ -112,6 +114,12 @@ def cases(w: dict[str, Path]) -> list[Case]:
         Case("an MLM generator that is not a folder", with_(train, objective="diffcse", generator="mlm:nope"),
              "generator 'nope' is not a folder on this machine"),
         Case("--output-dir is a file", with_(train, output_dir=str(t / "a-file")), "is a file, not a folder"),
+        Case("a dev file with a bad score", [*with_(train, dev_file=str(t / "dev.tsv")), "--do-eval"],
+             "dev.tsv:3: score is not a finite number: 'lots'"),
+        Case("gradient caching with the masked-LM objective", with_(train, objective="mlm", grad_cache_chunk="4"),
+             "grad_cache_chunk: gradient caching applies to simcse, sup-simcse and diffcse"),
+        Case("uscal: a zero perturbation", with_(train, objective="uscal", adv_epsilon="0"),
+             "argument --adv-epsilon: must be >= 1e-12, got 0"),
         Case("a run whose loss diverges (exit 1)", with_(train, learning_rate="1e30", max_steps="20",
                                                          output_dir=str(t / "diverged")),
              "training diverged at step", code=1),
@@ -139,11 +147,18 @@ def cases(w: dict[str, Path]) -> list[Case]:
         Case("index: a broken JSON line", ["index", "build", "--model", model, "--input", str(t / "bad.jsonl"),
                                             "--index-dir", str(t / "i3")], "bad.jsonl:2: not valid JSON"),
         Case("search: no such index", ["search", "--index-dir", str(t / "noindex"), "--query", "a"], "does not exist"),
+        Case("search: a filter with an unknown operator", ["search", "--index-dir", str(w["index"]), "--query", "a",
+                                                           "--where", '{"year": {"around": 2000}}'], "around"),
+        Case("mine: a pair file without sent1", ["mine", "--model", model, "--pairs", str(t / "pairs.csv"),
+                                                 "--corpus", str(t / "corpus.txt"), "--output", str(t / "m.csv")],
+             "lacks the column 'sent1'"),
         Case("serve: port out of range", ["serve", "--index-dir", str(w["index"]), "--port", "99999"],
              "argument --port: must be <= 65535, got 99999"),
         Case("finetune: unknown task", ["finetune", "--task", "SICK"], "unknown task 'SICK'"),
         Case("finetune: unknown loss term", ["finetune", "--loss", "cce+arcface"], "unknown term 'arcface'"),
         Case("finetune: malformed loss weight", ["finetune", "--loss-weight", "cce"], "expected TERM=NUMBER"),
+        Case("finetune: a non-positive SCAL perturbation", ["finetune", "--loss", "cce+scal", "--loss-param",
+                                                             "scal.epsilon=0"], "epsilon"),
     ]
 
 
