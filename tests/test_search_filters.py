@@ -20,11 +20,16 @@ from diffcse.search.filters import compile_where  # noqa: E402
 faiss.omp_set_num_threads(1)
 DIM = 16
 N = 1200
-KINDS = ("flat", "ivf", "hnsw", "ivfpq")
-PARAMS = {"flat": {}, "ivf": {"nlist": 16}, "hnsw": {}, "ivfpq": {"nlist": 8, "m": 8}}
+# "ivfpq+rescore": IVF-PQ ranking candidates that its exact vectors (on disk) re-score.
+KINDS = ("flat", "ivf", "hnsw", "ivfpq", "ivfsq8", "ivfpq+rescore")
+PARAMS = {"flat": {}, "ivf": {"nlist": 16}, "hnsw": {}, "ivfpq": {"nlist": 8, "m": 8}, "ivfsq8": {"nlist": 8},
+          "ivfpq+rescore": {"nlist": 8, "m": 8, "rescore": 20}}
 # Settings that make the approximate kinds exhaustive on N vectors: every inverted list probed; an
-# HNSW beam as wide as the index. IVF-PQ is then exact over its own (decoded) vectors.
-EXACT = {"flat": {}, "ivf": {"nprobe": 16}, "hnsw": {"ef_search": N}, "ivfpq": {"nprobe": 8}}
+# HNSW beam as wide as the index. IVF-PQ and IVF-SQ8 are then exact over their own (decoded) vectors.
+EXACT = {"flat": {}, "ivf": {"nprobe": 16}, "hnsw": {"ef_search": N}, "ivfpq": {"nprobe": 8}, "ivfsq8": {"nprobe": 8},
+         "ivfpq+rescore": {"nprobe": 8}}
+# Kinds that score with decoded (lossy) vectors: equal decoded scores may come in either order.
+DECODED = ("ivfpq", "ivfsq8")
 
 
 def _meta(rng: np.random.Generator, i: int) -> dict | None:
@@ -56,15 +61,15 @@ def built(data: dict) -> dict[str, SearchIndex]:
     """One index per kind over the same rows (ids = row numbers)."""
     out = {}
     for kind in KINDS:
-        idx = SearchIndex.create(DIM, kind, PARAMS[kind])
+        idx = SearchIndex.create(DIM, kind.split("+")[0], PARAMS[kind])
         idx.add_vectors(data["x"], [f"doc {i}" for i in range(N)], data["meta"])
         out[kind] = idx
     return out
 
 
 def stored_vectors(idx: SearchIndex, x: np.ndarray) -> np.ndarray:
-    """What the index scores against: the normalised vectors, or IVF-PQ's decoded ones (ADC = q . decoded)."""
-    if idx.kind != "ivfpq":
+    """What the index scores against: the normalised vectors, or the decoded ones of IVF-PQ/SQ8 (ADC = q . decoded)."""
+    if idx.kind not in DECODED or idx.manifest.params.get("rescore"):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
     ivf = faiss.clone_index(idx._index)
     ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
@@ -129,7 +134,7 @@ def test_filtered_search_equals_brute_force_over_the_matches(built: dict, data: 
         assert got_ids.shape == want_ids.shape, where
         assert mask[got_ids].all(), where
         np.testing.assert_allclose(got_scores, want_scores, atol=1e-4, err_msg=str(where))
-        if kind == "ivfpq":
+        if kind in DECODED:
             # Decoded vectors collide: equal scores may come in either order, so compare ranks
             # only where the reference's scores are apart by more than float32 summation noise.
             distinct = np.abs(np.diff(want_scores, axis=1)) > 1e-4
@@ -169,7 +174,7 @@ def test_a_selective_filter_returns_every_match_in_order(built: dict, data: dict
     want_ids, want_scores = brute_force(stored_vectors(built[kind], data["x"]), data["q"], mask, 20)
     res = built[kind].search_vectors(data["q"], top_k=20, where=where)
     np.testing.assert_allclose([[h.score for h in row] for row in res], want_scores, atol=1e-4)
-    if kind != "ivfpq":
+    if kind not in DECODED:
         np.testing.assert_array_equal([[h.id for h in row] for row in res], want_ids)
 
 

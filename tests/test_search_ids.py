@@ -20,7 +20,14 @@ from diffcse.search import CorruptIndexError, SearchIndex, SearchIndexError, rea
 
 faiss.omp_set_num_threads(1)
 DIM = 16
-PARAMS = {"flat": {}, "ivf": {"nlist": 8}, "hnsw": {}, "ivfpq": {"nlist": 4, "m": 4, "nbits": 6}}
+PARAMS = {"flat": {}, "ivf": {"nlist": 8}, "hnsw": {}, "ivfpq": {"nlist": 4, "m": 4, "nbits": 6},
+          "ivfsq8": {"nlist": 4}, "ivfpq+rescore": {"nlist": 4, "m": 4, "nbits": 6, "rescore": 8},
+          "ivfsq8+rescore": {"nlist": 2, "rescore": 4}}
+
+
+def create(kind: str) -> SearchIndex:
+    """An empty index of a test kind ("ivfpq+rescore": IVF-PQ re-scored with its exact vectors)."""
+    return SearchIndex.create(DIM, kind.split("+")[0], PARAMS[kind])
 
 
 def vecs(n: int, seed: int) -> np.ndarray:
@@ -53,11 +60,16 @@ def check_in_step(idx: SearchIndex) -> None:
     assert faiss_ids(idx) == live | dead and not live & dead
     if idx.kind != "hnsw":
         assert not dead
+    if idx._vectors is not None:
+        # One exact vector per id ever issued, and the live ones are the vectors faiss holds.
+        assert idx._vectors.rows == idx.manifest.next_id
+        rows = idx._vectors.read(np.arange(idx.manifest.next_id))
+        np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq", "ivfsq8", "ivfpq+rescore"])
 def test_upsert_and_delete_ids_round_trip(kind: str, tmp_path: Path) -> None:
-    idx = SearchIndex.create(DIM, kind, PARAMS[kind])
+    idx = create(kind)
     base = vecs(300, 1)
     idx.add_vectors(base, [f"plain {i}" for i in range(300)])  # integer-id documents live alongside
     check_in_step(idx)
@@ -70,7 +82,7 @@ def test_upsert_and_delete_ids_round_trip(kind: str, tmp_path: Path) -> None:
     assert (res.added, res.replaced, res.ids) == (1, 1, [303, 304])
     check_in_step(idx)
     assert len(idx) == 304
-    exact = {"nprobe": 8} if kind in ("ivf", "ivfpq") else {"ef_search": 400}
+    exact = {"ef_search": 400} if kind == "hnsw" else {} if kind == "flat" else {"nprobe": 8}
     hit = idx.search_vectors(new[0], top_k=1, **exact)[0][0]
     assert (hit.doc_id, hit.text, hit.metadata) == ("a", "alpha yak", {"v": 2})
     # The old version is gone from both the vectors and the words.
@@ -203,26 +215,33 @@ idx.delete_ids(["k2"])
 if stage == "before-save":
     print("upserted", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
-# In the middle of the save: the new generation's faiss file and store are written, not yet named.
-index_module.sha256_file = lambda p: os.kill(os.getpid(), signal.SIGKILL)
+if stage == "mid-save":
+    # In the middle of the save: the new generation's faiss file and store are written, not yet named.
+    index_module.sha256_file = lambda p: os.kill(os.getpid(), signal.SIGKILL)
+else:
+    # Every file written (exact vectors appended to the file shared with the live generation), the
+    # manifest not yet: the live generation's vector file now holds rows no manifest names.
+    index_module.write_json_atomic = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
 idx.save()
 """
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfsq8+rescore"])
 def test_kill_between_upsert_and_save_leaves_a_consistent_index(kind: str, tmp_path: Path) -> None:
     path = tmp_path / "idx"
-    idx = SearchIndex.create(DIM, kind)
+    idx = create(kind)
     idx.upsert_vectors([f"k{i}" for i in range(20)], vecs(20, 9), [f"text {i}" for i in range(20)])
     idx.delete_ids(["k19"])
     idx.save(path)
     before = {d: r.text for d, r in idx.get_docs([f"k{i}" for i in range(20)]).items()}
-    for stage in ("before-save", "mid-save"):
+    for stage in ("before-save", "mid-save", "before-manifest"):
         proc = subprocess.run([sys.executable, "-c", KILLED, str(path), stage], capture_output=True, text=True,
                               env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, timeout=120)
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         if stage == "mid-save":
             assert any(p.name.startswith(".staging") for p in path.iterdir())
+        if stage == "before-manifest":
+            assert len([p for p in path.iterdir() if p.name.startswith("gen-")]) == 2
         survivor = SearchIndex.load(path)
         check_in_step(survivor)
         assert {d: r.text for d, r in survivor.get_docs(list(before) + ["new"]).items()} == before

@@ -381,7 +381,7 @@ def test_reader_retries_when_its_generation_was_swept(data: dict, tmp_path: Path
     writer.add_vectors(data["x"][50:60], data["texts"][50:60])
     writer.save()
     assert not (path / seen.generation).exists()
-    manifest, index, store = _open_live(path, seen, verify=True)
+    manifest, index, store, _ = _open_live(path, seen, verify=True)
     assert manifest.generation != seen.generation and index.ntotal == store.count() == 60
     store.close()
     # A generation that is still the live one but damaged is an error, not a retry loop.

@@ -19,6 +19,7 @@ from diffcse.search.manifest import KINDS, MANIFEST_NAME, Manifest
 
 if TYPE_CHECKING:
     from diffcse.core.encoder import Encoder
+    from diffcse.search.index import SearchIndex
 
 POOLER_CHOICES = ("st", "cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
 ENCODING_ERRORS = ("strict", "replace")
@@ -97,6 +98,10 @@ class BuildConfig(ModelOptions):
     pq_m: int | None = opt(None, "ivfpq: sub-quantizers, must divide the dimension", min=1)
     nbits: int | None = opt(None, "ivfpq: bits per sub-quantizer code (default 8)", min=1)
     train_size: int | None = opt(None, "ivf/ivfpq: training sample size (default 100000)", min=1)
+    rescore: int | None = opt(None, "ivfpq/ivfsq8: keep the exact vectors on disk and re-score this many times "
+                              "top_k candidates with them (default 0: off)", min=0)
+    vectors: str | None = opt(None, "the texts' vectors from `diffcse encode` (.npy, row i = line i): added from disk "
+                              "in chunks instead of encoding; checked against the model on the first rows")
     chunk_size: int = opt(8192, "texts encoded and added per step (bounds memory)", min=1)
     overwrite: bool = opt(False, "replace an existing index (atomically)")
     seed: int = opt(0, "seed of the IVF training sample")
@@ -106,7 +111,7 @@ class BuildConfig(ModelOptions):
         """The index parameters given (faiss names)."""
         names = {"nlist": "nlist", "nprobe": "nprobe", "M": "M", "ef_construction": "ef_construction",
                  "ef_search": "ef_search", "pq_m": "m", "nbits": "nbits", "train_size": "train_size",
-                 "compact_threshold": "compact_threshold"}
+                 "compact_threshold": "compact_threshold", "rescore": "rescore"}
         from diffcse.search.index import DEFAULT_PARAMS
 
         given = {faiss_name: getattr(self, ours) for ours, faiss_name in names.items() if getattr(self, ours) is not None}
@@ -394,25 +399,74 @@ def run_build(cfg: BuildConfig) -> int:
     t0 = time.perf_counter()
     train_texts = None
     expected = None
-    if cfg.kind in IVF_KINDS:
+    if cfg.kind in IVF_KINDS and cfg.vectors is None:
         size = params.get("train_size") or DEFAULT_PARAMS[cfg.kind]["train_size"]
         expected, train_texts = _first_pass(cfg.input, cfg.encoding_errors, size, cfg.seed)
         if not expected:
             raise InputError(f"input file {cfg.input} has no texts")
     encoder = _load_encoder(cfg, device)
-    # tee: build() zips texts and metadata in lockstep, so the buffer between them stays one item.
-    pairs_a, pairs_b = itertools.tee(iter_input(cfg.input, cfg.encoding_errors))
-    index = SearchIndex.build(
-        encoder, (t for t, _ in pairs_a), kind=cfg.kind, metadata=(m for _, m in pairs_b), params=params,
-        chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, train_texts=train_texts,
-        expected_count=expected, seed=cfg.seed, show_progress=sys.stderr.isatty(),
-    )
+    if cfg.vectors is not None:
+        index = _build_from_vectors(cfg, encoder, params)
+    else:
+        # tee: build() zips texts and metadata in lockstep, so the buffer between them stays one item.
+        pairs_a, pairs_b = itertools.tee(iter_input(cfg.input, cfg.encoding_errors))
+        index = SearchIndex.build(
+            encoder, (t for t, _ in pairs_a), kind=cfg.kind, metadata=(m for _, m in pairs_b), params=params,
+            chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, train_texts=train_texts,
+            expected_count=expected, seed=cfg.seed, show_progress=sys.stderr.isatty(),
+        )
     if len(index) == 0:
         raise InputError(f"input file {cfg.input} has no texts")
     index.save(out)
     print(f"indexed {len(index)} texts ({cfg.kind}, dim {index.dim}) into {out} in {time.perf_counter() - t0:.1f}s")
     index.close()
     return 0
+
+
+# Rows of a --vectors file re-encoded to check they come from the model given.
+_VECTORS_CHECK_ROWS = 8
+
+
+def _build_from_vectors(cfg: BuildConfig, encoder: Encoder, params: dict) -> SearchIndex:
+    """`index build --vectors`: the .npy memory-mapped, checked against the texts and the model, added chunk by chunk."""
+    import numpy as np
+
+    from diffcse.search.index import IVF_KINDS, SearchIndex  # noqa: F811 - the runtime import of the annotation's class
+
+    try:
+        array = np.load(cfg.vectors, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise InputError(f"--vectors {cfg.vectors}: not a readable .npy file ({err})") from None
+    if array.ndim != 2 or array.shape[1] != encoder.dim:
+        raise InputError(f"--vectors {cfg.vectors} has shape {array.shape}; the model gives [n, {encoder.dim}]")
+    n = sum(1 for _ in iter_input(cfg.input, cfg.encoding_errors))
+    if n != len(array):
+        raise InputError(f"--vectors {cfg.vectors} has {len(array)} rows but input file {cfg.input} has {n} texts")
+    if n == 0:
+        raise InputError(f"input file {cfg.input} has no texts")
+    head = [t for t, _ in itertools.islice(iter_input(cfg.input, cfg.encoding_errors), _VECTORS_CHECK_ROWS)]
+    mine = encoder.encode(head, normalize=True)
+    given = np.asarray(array[: len(head)], dtype=np.float32)
+    given = given / np.maximum(np.linalg.norm(given, axis=1, keepdims=True), 1e-12)
+    cos = (mine * given).sum(axis=1)
+    if (cos < 0.999).any():
+        bad = int(np.argmin(cos))
+        raise InputError(
+            f"--vectors {cfg.vectors} row {bad} has cosine {cos[bad]:.3f} with what {encoder.name_or_path} gives for "
+            f"line {bad + 1} of {cfg.input}: the vectors come from another model or another file"
+        )
+    index = SearchIndex.create(encoder.dim, cfg.kind, params, encoder=encoder)
+    if cfg.kind in IVF_KINDS:
+        size = min(params.get("train_size") or index.manifest.params["train_size"], n)
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(n, size, replace=False))
+        index.train_vectors(np.asarray(array[rows]), expected_count=n, seed=cfg.seed)
+    stream = iter_input(cfg.input, cfg.encoding_errors)
+    start = 0
+    while chunk := list(itertools.islice(stream, cfg.chunk_size)):
+        stop = start + len(chunk)
+        index.add_vectors(np.asarray(array[start:stop]), [t for t, _ in chunk], [m for _, m in chunk])
+        start = stop
+    return index
 
 
 def run_add(cfg: AddConfig) -> int:

@@ -56,24 +56,30 @@ from diffcse.search.manifest import (
 )
 from diffcse.search.rwlock import RWLock, index_lock
 from diffcse.search.store import TextStore, fts_query
+from diffcse.search.vectors import ExactVectors
 
 if TYPE_CHECKING:
     from diffcse.core.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
-IVF_KINDS = ("ivf", "ivfpq")
+IVF_KINDS = ("ivf", "ivfpq", "ivfsq8")
+# Compressed kinds that can keep exact vectors on disk and re-score their candidates with them.
+RESCORE_KINDS = ("ivfpq", "ivfsq8")
 MODES = ("dense", "lexical", "hybrid")
 DEFAULT_COMPACT_THRESHOLD = 0.2
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "flat": {},
     "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128, "compact_threshold": DEFAULT_COMPACT_THRESHOLD},
     "ivf": {"nlist": None, "nprobe": None, "train_size": 100_000},
-    "ivfpq": {"nlist": None, "nprobe": None, "m": None, "nbits": 8, "train_size": 100_000},
+    "ivfpq": {"nlist": None, "nprobe": None, "m": None, "nbits": 8, "train_size": 100_000, "rescore": 0},
+    "ivfsq8": {"nlist": None, "nprobe": None, "train_size": 100_000, "rescore": 0},
 }
 DEFAULT_LOCK_TIMEOUT = 60.0
 # Parameters that are fractions in [0, 1], not counts.
 FRACTION_PARAMS = ("compact_threshold",)
+# Counts for which 0 means off (rescore: re-score rescore * top_k candidates with the exact vectors).
+ZERO_OK_PARAMS = ("rescore",)
 DEFAULT_RRF_K = 60
 # Hybrid search fuses each list down to this depth at least (top_k when larger).
 DEFAULT_FUSION_DEPTH = 50
@@ -125,8 +131,11 @@ def resolve_params(kind: str, params: dict | None) -> dict[str, Any]:
                 raise SearchIndexError(f"parameter {name!r} must be a number in [0, 1], got {value!r}")
             out[name] = DEFAULT_PARAMS[kind][name] if value is None else float(value)
             continue
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise SearchIndexError(f"parameter {name!r} must be a positive integer, got {value!r}")
+        least = 0 if name in ZERO_OK_PARAMS else 1
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise SearchIndexError(
+                f"parameter {name!r} must be a {'non-negative' if least == 0 else 'positive'} integer, got {value!r}"
+            )
         out[name] = value
     return out
 
@@ -276,8 +285,16 @@ class SearchIndex:
     Thread-safe: searches run in parallel (shared lock), add/delete are serialised (exclusive).
     """
 
-    def __init__(self, manifest: Manifest, index: faiss.Index | None, store: TextStore, use_gpu: bool | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        index: faiss.Index | None,
+        store: TextStore,
+        use_gpu: bool | None = None,
+        vectors: ExactVectors | None = None,
+    ) -> None:
         self._manifest = manifest
+        self._vectors: ExactVectors | None = None
         self._index = index
         self._store = store
         self._lock = RWLock()
@@ -299,14 +316,20 @@ class SearchIndex:
         self._version = 0
         self._upgrade_pending = False
         self._positions: tuple[int, np.ndarray] | None = None
-        self._adopt(manifest, index, store)
+        self._adopt(manifest, index, store, vectors)
 
-    def _adopt(self, manifest: Manifest, index: faiss.Index | None, store: TextStore) -> None:
-        """Take a manifest, faiss index and store as the live state (the caller holds the write lock or owns self)."""
+    def _adopt(
+        self, manifest: Manifest, index: faiss.Index | None, store: TextStore, vectors: ExactVectors | None
+    ) -> None:
+        """Take a manifest, faiss index, store and exact vectors as the live state (the caller holds the write lock or owns self)."""
         if manifest.kind == "hnsw":
             # Indexes written before compaction existed record no threshold.
             manifest.params.setdefault("compact_threshold", DEFAULT_COMPACT_THRESHOLD)
-        self._manifest, self._index, self._store = manifest, index, store
+        if manifest.params.get("rescore") and vectors is None:
+            raise CorruptIndexError(f"a {manifest.kind} index that re-scores needs its exact vectors")
+        if self._vectors is not None and self._vectors is not vectors:
+            self._vectors.close()
+        self._manifest, self._index, self._store, self._vectors = manifest, index, store, vectors
         # A format-1 index was upgraded in memory when it was opened; the next save writes format 2.
         self._upgrade_pending = manifest.format_version < FORMAT_VERSION
         self._set_tombstones(store.tombstones() if manifest.kind == "hnsw" else [])
@@ -334,7 +357,8 @@ class SearchIndex:
             versions={"faiss": faiss.__version__, "diffcse": _diffcse_version()},
         )
         index = None if kind in IVF_KINDS else cls._new_faiss(kind, dim, resolved)
-        self = cls(manifest, index, TextStore(), use_gpu=use_gpu)
+        vectors = ExactVectors(dim) if resolved.get("rescore") else None
+        self = cls(manifest, index, TextStore(), use_gpu=use_gpu, vectors=vectors)
         if encoder is not None:
             self.attach_encoder(encoder)
         return self
@@ -354,6 +378,10 @@ class SearchIndex:
         # (the bug in SimCSE's tool.py).
         if kind == "ivf":
             ivf = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        elif kind == "ivfsq8":
+            ivf = faiss.IndexIVFScalarQuantizer(
+                quantizer, dim, params["nlist"], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
         else:
             ivf = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT)
         ivf.nprobe = params["nprobe"]
@@ -442,14 +470,14 @@ class SearchIndex:
             if encoder != "auto":
                 raise SearchIndexError(f"encoder must be an Encoder, None or 'auto', not {encoder!r}")
             encoder = load_recorded_encoder(manifest, str(path))
-        manifest, index, store = _open_live(path, manifest, verify)
+        manifest, index, store, vectors = _open_live(path, manifest, verify)
         if encoder is not None:
             try:
                 _check_encoder(manifest, encoder, str(path))
             except SearchIndexError:
-                store.close()
+                _close(store, vectors)
                 raise
-        self = cls(manifest, index, store, use_gpu=use_gpu)
+        self = cls(manifest, index, store, use_gpu=use_gpu, vectors=vectors)
         self.path = path
         if encoder is not None:
             self._encoder = encoder
@@ -519,16 +547,16 @@ class SearchIndex:
         """Replace the in-memory index by the one on disk (the attached encoder stays; unsaved changes are lost)."""
         if self.path is None:
             raise SearchIndexError("reload() needs an index loaded from or saved to a directory")
-        manifest, index, store = _open_live(self.path, read_manifest(self.path), verify=True)
+        manifest, index, store, vectors = _open_live(self.path, read_manifest(self.path), verify=True)
         try:
             if self._encoder is not None:
                 _check_encoder(manifest, self._encoder, str(self.path))
         except SearchIndexError:
-            store.close()
+            _close(store, vectors)
             raise
         with self._lock.write():
             old = self._store
-            self._adopt(manifest, index, store)
+            self._adopt(manifest, index, store, vectors)
             self._dirty = False
         old.close()
 
@@ -573,6 +601,10 @@ class SearchIndex:
                 key: {"name": name, "bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}
                 for key, name in (("index", INDEX_FILE), ("store", STORE_FILE))
             }
+            if self._vectors is not None:
+                # No sha256: hashing 15 GB at every save would cost more than the save; size and rows are checked.
+                same = self.path is not None and _same_dir(target, self.path)
+                files["vectors"] = self._vectors.write(staging, link=same)
             fsync_dir(staging)
             generation = f"gen-{previous + 1:06d}-{uuid.uuid4().hex[:8]}"
             os.replace(staging, target / generation)
@@ -585,6 +617,8 @@ class SearchIndex:
             "format_version": FORMAT_VERSION,
         })
         write_json_atomic(target / MANIFEST_NAME, manifest.to_dict())
+        if self._vectors is not None:
+            self._vectors.adopt(target / generation / files["vectors"]["name"])
         self._manifest = manifest
         self.path = target
         self._dirty = False
@@ -810,12 +844,16 @@ class SearchIndex:
                 self._store.add(new_ids.tolist(), texts, metas, doc_ids)
                 self._index.add_with_ids(vecs, new_ids)
                 added = True
+                if self._vectors is not None:
+                    self._vectors.append(start, vecs)
             if remove and not hnsw:
                 removed = self._index.remove_ids(np.asarray(remove, dtype=np.int64))
                 if removed != len(remove):
                     raise CorruptIndexError(f"faiss removed {removed} of {len(remove)} ids present in the store")
         except BaseException:
             self._store.rollback()
+            if self._vectors is not None:
+                self._vectors.truncate(start)
             if added and not hnsw:
                 try:
                     self._index.remove_ids(new_ids)
@@ -1089,6 +1127,28 @@ class SearchIndex:
     def _dense(
         self, q: np.ndarray, top_k: int, nprobe: int | None, ef_search: int | None, allowed: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Under the read lock: the top_k by cosine; an index that re-scores fetches rescore * top_k candidates first.
+
+        The compressed codes (PQ, int8) only rank candidates; their exact vectors, read from
+        disk, give the order and the scores returned.
+        """
+        factor = int(self._manifest.params.get("rescore") or 0)
+        if not factor or self._vectors is None:
+            return self._approximate(q, top_k, nprobe, ef_search, allowed)
+        _, labels = self._approximate(q, top_k * factor, nprobe, ef_search, allowed)
+        found = np.unique(labels[labels >= 0])
+        rows = self._vectors.read(found)
+        exact = np.full(labels.shape, -np.inf, dtype=np.float32)
+        for i, row in enumerate(labels):
+            hit = row >= 0
+            exact[i, hit] = rows[np.searchsorted(found, row[hit])] @ q[i]
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :top_k]
+        scores = np.take_along_axis(exact, order, axis=1)
+        return scores, np.where(np.isfinite(scores), np.take_along_axis(labels, order, axis=1), -1)
+
+    def _approximate(
+        self, q: np.ndarray, top_k: int, nprobe: int | None, ef_search: int | None, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Under the read lock: faiss search, restricted to the `allowed` ids inside faiss when given.
 
         A filter is an ID selector applied during the search, so top_k is filled from the matching
@@ -1208,7 +1268,7 @@ class SearchIndex:
 
     @property
     def kind(self) -> str:
-        """flat, ivf, hnsw or ivfpq."""
+        """flat, ivf, hnsw, ivfpq or ivfsq8."""
         return self._manifest.kind
 
     @property
@@ -1239,13 +1299,17 @@ class SearchIndex:
                 "path": str(self.path) if self.path else None,
                 "generation": m.generation or None,
                 "index_file_bytes": m.files.get("index", {}).get("bytes"),
+                # Exact vectors re-scoring a compressed index are on disk, read per query, not in memory.
+                "exact_vector_rows": self._vectors.rows if self._vectors is not None else 0,
                 "gpu": bool(self._use_gpu and m.kind != "hnsw"),
                 "format_version": m.format_version,
             }
 
     def close(self) -> None:
-        """Release the store's private files."""
+        """Release the store's private files and the exact-vector file."""
         self._store.close()
+        if self._vectors is not None:
+            self._vectors.close()
 
     def __enter__(self) -> SearchIndex:
         """Use as a context manager; close() on exit."""
@@ -1321,7 +1385,10 @@ def _check_loaded(index: faiss.Index, manifest: Manifest, index_file: Path) -> N
     if index.ntotal != manifest.ntotal:
         raise CorruptIndexError(f"index file {index_file} holds {index.ntotal} vectors but the manifest says {manifest.ntotal}")
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    expected = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQ}[manifest.kind]
+    expected = {
+        "flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQ,
+        "ivfsq8": faiss.IndexIVFScalarQuantizer,
+    }[manifest.kind]
     if not isinstance(inner, expected) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise CorruptIndexError(
             f"index file {index_file} holds a {type(inner).__name__} (metric {inner.metric_type}), "
@@ -1338,8 +1405,10 @@ def _gpu_clustering(index: faiss.Index) -> None:
         log.warning("GPU clustering unavailable (%s); training on CPU", err)
 
 
-def _open_generation(path: Path, manifest: Manifest, verify: bool) -> tuple[faiss.Index | None, TextStore]:
-    """The faiss index and the store of the manifest's generation, checked against the manifest."""
+def _open_generation(
+    path: Path, manifest: Manifest, verify: bool
+) -> tuple[faiss.Index | None, TextStore, ExactVectors | None]:
+    """The faiss index, the store and the exact vectors of the manifest's generation, checked against the manifest."""
     gen = path / manifest.generation
     index_file = gen / manifest.files["index"]["name"]
     store_file = gen / manifest.files["store"]["name"]
@@ -1355,13 +1424,38 @@ def _open_generation(path: Path, manifest: Manifest, verify: bool) -> tuple[fais
         _check_loaded(index, manifest, index_file)
     elif manifest.kind not in IVF_KINDS:
         raise CorruptIndexError(f"index file {index_file} is empty but kind {manifest.kind!r} always has one")
+    vectors = _open_vectors(gen, manifest)
     store = TextStore(store_file)
     try:
         _check_store(store, manifest, store_file)
     except BaseException:
-        store.close()
+        _close(store, vectors)
         raise
-    return index, store
+    return index, store, vectors
+
+
+def _open_vectors(gen: Path, manifest: Manifest) -> ExactVectors | None:
+    """The generation's exact vectors when the index re-scores (one row per id ever issued)."""
+    entry = manifest.files.get("vectors")
+    if not manifest.params.get("rescore"):
+        return None
+    if entry is None:
+        raise CorruptIndexError(f"index {gen.parent} re-scores with exact vectors but its manifest names no vector file")
+    if entry["rows"] != manifest.next_id:
+        raise CorruptIndexError(
+            f"manifest of {gen.parent} records {entry['rows']} exact-vector rows but has issued {manifest.next_id} ids"
+        )
+    file = gen / entry["name"]
+    if not file.is_file():
+        raise CorruptIndexError(f"exact-vector file {file} is missing")
+    return ExactVectors(manifest.dim, file, entry["rows"])
+
+
+def _close(store: TextStore, vectors: ExactVectors | None) -> None:
+    """Release a store and exact vectors that were opened but not adopted."""
+    store.close()
+    if vectors is not None:
+        vectors.close()
 
 
 def _check_store(store: TextStore, manifest: Manifest, store_file: Path) -> None:
@@ -1394,7 +1488,9 @@ def _check_store(store: TextStore, manifest: Manifest, store_file: Path) -> None
         raise CorruptIndexError(f"store file {store_file}: the full-text index holds {n_fts} texts but the store {n_rows}")
 
 
-def _open_live(path: Path, manifest: Manifest, verify: bool) -> tuple[Manifest, faiss.Index | None, TextStore]:
+def _open_live(
+    path: Path, manifest: Manifest, verify: bool
+) -> tuple[Manifest, faiss.Index | None, TextStore, ExactVectors | None]:
     """Open the live generation; retried when a writer published a newer one meanwhile."""
     for attempt in range(_OPEN_ATTEMPTS):
         try:

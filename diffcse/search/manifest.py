@@ -16,7 +16,7 @@ FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 INDEX_FILE = "index.faiss"
 STORE_FILE = "store.sqlite"
-KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+KINDS = ("flat", "ivf", "hnsw", "ivfpq", "ivfsq8")
 # The names save() writes. The manifest is data from disk: anything else (`../..`, `/etc`, `a/b`)
 # would make load() read outside the index folder, so it is refused, never followed.
 GENERATION_RE = re.compile(r"gen-\d{6,}-[0-9a-f]{8}")
@@ -93,6 +93,12 @@ class Manifest:
                     f"{source}: field 'files.{key}.name' is {_short(entry['name'])}, not a plain file name "
                     "(refused: it could point outside the generation folder)"
                 )
+        vectors = data["files"].get("vectors")
+        if vectors is not None and (
+            not isinstance(vectors, dict) or not isinstance(vectors.get("name"), str)
+            or not isinstance(vectors.get("rows"), int) or not FILE_NAME_RE.fullmatch(vectors["name"])
+        ):
+            raise IndexFormatError(f"{source}: field 'files.vectors' lacks a plain file name or its rows")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
