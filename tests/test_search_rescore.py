@@ -38,7 +38,8 @@ def data() -> dict:
 def recall(idx: SearchIndex, data: dict, **kw: object) -> float:
     """Recall@10 of the index against exact search."""
     res = idx.search_vectors(data["q"], top_k=10, **kw)
-    return float(np.mean([len({h.id for h in row} & set(t.tolist())) / 10 for row, t in zip(res, data["truth"])]))
+    pairs = zip(res, data["truth"], strict=True)
+    return float(np.mean([len({h.id for h in row} & set(t.tolist())) / 10 for row, t in pairs]))
 
 
 @pytest.mark.parametrize("kind,params", [("ivfpq", {"nlist": 16, "m": 8}), ("ivfsq8", {"nlist": 16})])
@@ -48,7 +49,7 @@ def test_rescoring_gives_exact_scores_and_recovers_recall(data: dict, kind: str,
     for idx in (plain, rescored):
         idx.add_vectors(data["x"], data["texts"])
     # Every hit's score is its exact cosine, and hits come in exact-score order.
-    for qv, row in zip(data["q"], rescored.search_vectors(data["q"], top_k=10, nprobe=16)):
+    for qv, row in zip(data["q"], rescored.search_vectors(data["q"], top_k=10, nprobe=16), strict=True):
         got = np.array([h.score for h in row])
         np.testing.assert_allclose(got, data["x"][[h.id for h in row]] @ qv, atol=1e-5)
         assert (np.diff(got) <= 1e-7).all()
@@ -158,3 +159,36 @@ def test_cli_builds_from_encoded_vectors_and_refuses_another_models(
         err = capsys.readouterr().err
         assert name in err and re.search(message, err), err
         assert not target.exists()
+
+
+def test_searches_during_saves_read_the_right_rows(data: dict, tmp_path: Path) -> None:
+    # Saves swap the file the exact vectors are read from while other threads search: every hit
+    # must still carry its exact score (a read from a closed or reused descriptor would not).
+    import threading
+
+    idx = SearchIndex.create(DIM, "ivfsq8", {"nlist": 8, "rescore": 4})
+    idx.add_vectors(data["x"][:1000], data["texts"][:1000])
+    idx.save(tmp_path / "idx")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def search() -> None:
+        try:
+            while not stop.is_set():
+                for qv, row in zip(data["q"], idx.search_vectors(data["q"], top_k=5, nprobe=8), strict=True):
+                    got = np.array([h.score for h in row])
+                    np.testing.assert_allclose(got, data["x"][[h.id for h in row]] @ qv, atol=1e-5)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=search) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for start in range(1000, 4000, 500):
+        idx.add_vectors(data["x"][start : start + 500], data["texts"][start : start + 500])
+        idx.save()
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    np.testing.assert_allclose(SearchIndex.load(tmp_path / "idx")._vectors.read(np.arange(4000)), data["x"][:4000], atol=1e-6)

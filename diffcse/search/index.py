@@ -574,6 +574,11 @@ class SearchIndex:
             # Readers may keep searching while we write; only writers (add/delete) must wait.
             with self._lock.read():
                 self._write_generation(target)
+            if self._vectors is not None:
+                # Searches may be reading the old file under the read lock: swap it under the write lock.
+                entry = self._manifest.files["vectors"]
+                with self._lock.write():
+                    self._vectors.adopt(target / self._manifest.generation / entry["name"], entry["rows"])
 
     def _write_generation(self, target: Path) -> None:
         """The files of a new generation, then the manifest naming it; under the read lock and the save lock."""
@@ -617,8 +622,6 @@ class SearchIndex:
             "format_version": FORMAT_VERSION,
         })
         write_json_atomic(target / MANIFEST_NAME, manifest.to_dict())
-        if self._vectors is not None:
-            self._vectors.adopt(target / generation / files["vectors"]["name"])
         self._manifest = manifest
         self.path = target
         self._dirty = False

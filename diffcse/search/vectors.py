@@ -111,12 +111,22 @@ class ExactVectors:
             os.fsync(out.fileno())
         return {"name": VECTORS_FILE, "bytes": self.rows * self.row_bytes, "rows": self.rows}
 
-    def adopt(self, path: Path) -> None:
-        """After a save published `path`: read saved rows from it and start a new pending file."""
-        rows = self.rows
+    def adopt(self, path: Path, rows: int) -> None:
+        """After a save published `path` holding the first `rows` rows: read those from it; rows added since stay pending."""
+        if not self._saved <= rows <= self.rows:
+            raise CorruptIndexError(f"a save published {rows} exact-vector rows; this index holds {self.rows}")
         fd = os.open(path, os.O_RDONLY)
+        later = self.rows - rows
+        pending = None
+        if later:
+            # Rows another thread added between the save and this call: move them to a new pending file.
+            pending = tempfile.TemporaryFile(prefix="diffcse-vectors-")
+            skip = (rows - self._saved) * self.row_bytes
+            pending.write(os.pread(self._pending.fileno(), later * self.row_bytes, skip))
+            pending.flush()
         self.close()
         self._fd, self._path, self._saved = fd, path, rows
+        self._pending, self._pending_rows = pending, later
 
     def close(self) -> None:
         """Release the file descriptor and the pending temp file."""
