@@ -165,6 +165,14 @@ def cpu_seconds() -> float:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
+    # Linux's VmHWM belongs to this program's memory; ru_maxrss would also count what a forked
+    # child inherited from its parent before exec.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 

@@ -279,7 +279,68 @@ def _model_info(encoder: Encoder) -> dict:
     }
 
 
-class SearchIndex:
+class EncodingWrites:
+    """add() and upsert() of texts through the attached encoder, for an index with add_vectors/upsert_vectors.
+
+    Shared by SearchIndex and the engine backend (diffcse.search.milvus.MilvusIndex).
+    """
+
+    def _check_new(self, texts: list[str], metas: list[dict | None]) -> None:
+        """Refuse bad texts or metadata before any encoding (backends add their own limits)."""
+        _encode_metadata(metas, len(texts))
+
+    def add(
+        self,
+        texts: Sequence[str],
+        metadata: Sequence[dict | None] | None = None,
+        batch_size: int = 64,
+        chunk_size: int = 8192,
+    ) -> list[int]:
+        """Encode texts with the attached encoder and add them; returns the new ids."""
+        if isinstance(texts, str):
+            raise SearchIndexError("add() takes a list of strings, not one string")
+        texts = _check_texts(texts, "text")
+        metas = list(metadata) if metadata is not None else [None] * len(texts)
+        self._check_new(texts, metas)  # fail before any encoding
+        ids: list[int] = []
+        for start in range(0, len(texts), chunk_size):
+            part = texts[start : start + chunk_size]
+            vecs = self.encoder.encode(part, batch_size=batch_size, normalize=True)
+            ids += self.add_vectors(vecs, part, metas[start : start + chunk_size])
+        return ids
+
+    def upsert(
+        self,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        metadata: Sequence[dict | None] | None = None,
+        batch_size: int = 64,
+        chunk_size: int = 8192,
+    ) -> UpsertResult:
+        """Encode texts with the attached encoder and upsert them under the user's ids (see upsert_vectors)."""
+        if isinstance(texts, str):
+            raise SearchIndexError("upsert() takes a list of strings, not one string")
+        doc_ids = check_doc_ids(ids)
+        texts = _check_texts(texts, "text")
+        if len(doc_ids) != len(texts):
+            raise SearchIndexError(f"got {len(doc_ids)} doc ids for {len(texts)} texts")
+        metas = list(metadata) if metadata is not None else [None] * len(texts)
+        self._check_new(texts, metas)  # fail before any encoding
+        # Repeats are settled before chunking, so a later chunk never replaces an earlier one.
+        keep = sorted({doc: i for i, doc in enumerate(doc_ids)}.values())
+        by_doc: dict[str, int] = {}
+        added = replaced = 0
+        for start in range(0, len(keep), chunk_size):
+            rows = keep[start : start + chunk_size]
+            part = [texts[i] for i in rows]
+            vecs = self.encoder.encode(part, batch_size=batch_size, normalize=True)
+            res = self.upsert_vectors([doc_ids[i] for i in rows], vecs, part, [metas[i] for i in rows])
+            by_doc.update(zip((doc_ids[i] for i in rows), res.ids, strict=True))
+            added, replaced = added + res.added, replaced + res.replaced
+        return UpsertResult([by_doc[doc] for doc in doc_ids], added, replaced)
+
+
+class SearchIndex(EncodingWrites):
     """Cosine-similarity search over texts: faiss vectors + SQLite texts/metadata + a manifest.
 
     Thread-safe: searches run in parallel (shared lock), add/delete are serialised (exclusive).
@@ -723,26 +784,6 @@ class SearchIndex:
         with self._lock.write():
             return self._apply([], vecs, texts, metas, None)
 
-    def add(
-        self,
-        texts: Sequence[str],
-        metadata: Sequence[dict | None] | None = None,
-        batch_size: int = 64,
-        chunk_size: int = 8192,
-    ) -> list[int]:
-        """Encode texts with the attached encoder and add them; returns the new ids."""
-        if isinstance(texts, str):
-            raise SearchIndexError("add() takes a list of strings, not one string")
-        texts = _check_texts(texts, "text")
-        metas = list(metadata) if metadata is not None else [None] * len(texts)
-        _encode_metadata(metas, len(texts))  # fail before any encoding
-        ids: list[int] = []
-        for start in range(0, len(texts), chunk_size):
-            part = texts[start : start + chunk_size]
-            vecs = self.encoder.encode(part, batch_size=batch_size, normalize=True)
-            ids += self.add_vectors(vecs, part, metas[start : start + chunk_size])
-        return ids
-
     def upsert_vectors(
         self,
         ids: Sequence[str],
@@ -774,36 +815,6 @@ class SearchIndex:
             )
         by_doc = dict(zip((doc_ids[i] for i in keep), new, strict=True))
         return UpsertResult([by_doc[doc] for doc in doc_ids], len(keep) - len(old), len(old))
-
-    def upsert(
-        self,
-        ids: Sequence[str],
-        texts: Sequence[str],
-        metadata: Sequence[dict | None] | None = None,
-        batch_size: int = 64,
-        chunk_size: int = 8192,
-    ) -> UpsertResult:
-        """Encode texts with the attached encoder and upsert them under the user's ids (see upsert_vectors)."""
-        if isinstance(texts, str):
-            raise SearchIndexError("upsert() takes a list of strings, not one string")
-        doc_ids = check_doc_ids(ids)
-        texts = _check_texts(texts, "text")
-        if len(doc_ids) != len(texts):
-            raise SearchIndexError(f"got {len(doc_ids)} doc ids for {len(texts)} texts")
-        metas = list(metadata) if metadata is not None else [None] * len(texts)
-        _encode_metadata(metas, len(texts))  # fail before any encoding
-        # Repeats are settled before chunking, so a later chunk never replaces an earlier one.
-        keep = sorted({doc: i for i, doc in enumerate(doc_ids)}.values())
-        by_doc: dict[str, int] = {}
-        added = replaced = 0
-        for start in range(0, len(keep), chunk_size):
-            rows = keep[start : start + chunk_size]
-            part = [texts[i] for i in rows]
-            vecs = self.encoder.encode(part, batch_size=batch_size, normalize=True)
-            res = self.upsert_vectors([doc_ids[i] for i in rows], vecs, part, [metas[i] for i in rows])
-            by_doc.update(zip((doc_ids[i] for i in rows), res.ids, strict=True))
-            added, replaced = added + res.added, replaced + res.replaced
-        return UpsertResult([by_doc[doc] for doc in doc_ids], added, replaced)
 
     def delete(self, ids: Iterable[int]) -> int:
         """Remove items by id; returns how many existed. Unknown ids are ignored."""

@@ -41,6 +41,7 @@ from diffcse.search.errors import EmptyQueryError, IndexMismatchError, SearchInd
 from diffcse.search.filters import FIELD_RE, compile_where
 from diffcse.search.index import (
     MAX_DOC_ID_CHARS,
+    EncodingWrites,
     SearchIndex,
     SearchResult,
     UpsertResult,
@@ -275,7 +276,7 @@ def _message(err: BaseException) -> str:
 # --------------------------------------------------------------------- the index
 
 
-class MilvusIndex:
+class MilvusIndex(EncodingWrites):
     """Cosine-similarity search over texts stored in Milvus, with SearchIndex's ids, upserts and filters (dense only)."""
 
     def __init__(
@@ -541,23 +542,10 @@ class MilvusIndex:
             self._insert(ids, vecs, texts, metas, None)
         return ids
 
-    def add(
-        self, texts: Sequence[str], metadata: Sequence[dict | None] | None = None, batch_size: int = 64,
-        chunk_size: int = 8192,
-    ) -> list[int]:
-        """Encode texts with the attached encoder and add them; returns the new ids."""
-        if isinstance(texts, str):
-            raise SearchIndexError("add() takes a list of strings, not one string")
-        texts = _check_texts(texts, "text")
-        metas = list(metadata) if metadata is not None else [None] * len(texts)
-        _metadata(metas, len(texts))  # fail before any encoding
+    def _check_new(self, texts: list[str], metas: list[dict | None]) -> None:
+        """Refuse bad texts or metadata before any encoding, with Milvus's text size limit."""
+        _metadata(metas, len(texts))
         _check_text_bytes(texts)
-        ids: list[int] = []
-        for start in range(0, len(texts), chunk_size):
-            part = texts[start : start + chunk_size]
-            vecs = self.encoder.encode(part, batch_size=batch_size, normalize=True)
-            ids += self.add_vectors(vecs, part, metas[start : start + chunk_size])
-        return ids
 
     def upsert_vectors(
         self, ids: Sequence[str], vectors: np.ndarray, texts: Sequence[str], metadata: Sequence[dict | None] | None = None,
@@ -592,33 +580,6 @@ class MilvusIndex:
                     raise
         by_doc = dict(zip(docs, new, strict=True))
         return UpsertResult([by_doc[doc] for doc in doc_ids], len(keep) - len(old), len(old))
-
-    def upsert(
-        self, ids: Sequence[str], texts: Sequence[str], metadata: Sequence[dict | None] | None = None,
-        batch_size: int = 64, chunk_size: int = 8192,
-    ) -> UpsertResult:
-        """Encode texts with the attached encoder and upsert them under the user's ids (see upsert_vectors)."""
-        if isinstance(texts, str):
-            raise SearchIndexError("upsert() takes a list of strings, not one string")
-        doc_ids = check_doc_ids(ids)
-        texts = _check_texts(texts, "text")
-        if len(doc_ids) != len(texts):
-            raise SearchIndexError(f"got {len(doc_ids)} doc ids for {len(texts)} texts")
-        metas = list(metadata) if metadata is not None else [None] * len(texts)
-        _metadata(metas, len(texts))  # fail before any encoding
-        _check_text_bytes(texts)
-        # Repeats are settled before chunking, so a later chunk never replaces an earlier one.
-        keep = sorted({doc: i for i, doc in enumerate(doc_ids)}.values())
-        by_doc: dict[str, int] = {}
-        added = replaced = 0
-        for start in range(0, len(keep), chunk_size):
-            rows = keep[start : start + chunk_size]
-            part = [texts[i] for i in rows]
-            vecs = self.encoder.encode(part, batch_size=batch_size, normalize=True)
-            res = self.upsert_vectors([doc_ids[i] for i in rows], vecs, part, [metas[i] for i in rows])
-            by_doc.update(zip((doc_ids[i] for i in rows), res.ids, strict=True))
-            added, replaced = added + res.added, replaced + res.replaced
-        return UpsertResult([by_doc[doc] for doc in doc_ids], added, replaced)
 
     def _delete_where(self, doc_ids: list[str], extra: str | None = None) -> None:
         """Delete every row of the given document ids (and extra, AND-ed)."""
