@@ -259,3 +259,27 @@ def test_cli_where_and_its_errors(tiny_bert_dir: str, tmp_path: Path, capsys: py
         assert main(["search", "--index-dir", idx, "--query", "a dog", "--where", where, *extra]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cached_filter_results_follow_every_write(data: dict) -> None:
+    # The ids a filter selects are cached between writes: an add, an upsert or a delete must
+    # be seen by the very next filtered search, and a failed write must not poison the cache.
+    idx = SearchIndex.create(DIM, "flat")
+    idx.add_vectors(data["x"][:200], [f"doc {i}" for i in range(200)], data["meta"][:200])
+    where = {"lang": "fr"}
+    french = {i for i, m in enumerate(data["meta"][:200]) if field(m, "lang") == "fr"}
+
+    def found() -> set[int]:
+        return {h.id for h in idx.search_vectors(data["q"][:1], top_k=200, where=where)[0]}
+
+    assert found() == french
+    assert found() == french  # served from the cache
+    new = idx.add_vectors(data["x"][200:202], ["new a", "new b"], [{"lang": "fr"}, {"lang": "en"}])
+    assert found() == french | {new[0]}
+    gone = sorted(french)[:3]
+    assert idx.delete(gone) == 3
+    assert found() == (french | {new[0]}) - set(gone)
+    res = idx.upsert_vectors(["u"], data["x"][203:204], ["upserted"], [{"lang": "fr"}])
+    assert found() == (french | {new[0], res.ids[0]}) - set(gone)
+    idx.upsert_vectors(["u"], data["x"][204:205], ["now english"], [{"lang": "en"}])
+    assert found() == (french | {new[0]}) - set(gone)
