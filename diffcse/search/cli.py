@@ -448,7 +448,7 @@ def _build_from_vectors(cfg: BuildConfig, encoder: Encoder, params: dict) -> Sea
     mine = encoder.encode(head, normalize=True)
     given = np.asarray(array[: len(head)], dtype=np.float32)
     given = given / np.maximum(np.linalg.norm(given, axis=1, keepdims=True), 1e-12)
-    cos = (mine * given).sum(axis=1)
+    cos = np.nan_to_num((mine * given).sum(axis=1), nan=-1.0)  # a NaN row is no match either
     if (cos < 0.999).any():
         bad = int(np.argmin(cos))
         raise InputError(

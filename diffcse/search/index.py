@@ -65,8 +65,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IVF_KINDS = ("ivf", "ivfpq", "ivfsq8")
-# Compressed kinds that can keep exact vectors on disk and re-score their candidates with them.
-RESCORE_KINDS = ("ivfpq", "ivfsq8")
 MODES = ("dense", "lexical", "hybrid")
 DEFAULT_COMPACT_THRESHOLD = 0.2
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
