@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class ExactVectors:
                     f"exact-vector file {path} is {size} bytes but the manifest says {rows} rows "
                     f"({rows * self.row_bytes} bytes): truncated"
                 )
-        self._pending: tempfile._TemporaryFileWrapper | None = None
+        self._pending: IO[bytes] | None = None
         self._pending_rows = 0
 
     @property
@@ -57,7 +58,7 @@ class ExactVectors:
         if first_id != self.rows:
             raise CorruptIndexError(f"exact vectors hold {self.rows} rows but id {first_id} was to come next")
         if self._pending is None:
-            self._pending = tempfile.TemporaryFile(prefix="diffcse-vectors-")
+            self._pending = _new_pending()
         self._pending.seek(self._pending_rows * self.row_bytes)
         self._pending.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
         self._pending.flush()
@@ -120,7 +121,7 @@ class ExactVectors:
         pending = None
         if later:
             # Rows another thread added between the save and this call: move them to a new pending file.
-            pending = tempfile.TemporaryFile(prefix="diffcse-vectors-")
+            pending = _new_pending()
             skip = (rows - self._saved) * self.row_bytes
             pending.write(os.pread(self._pending.fileno(), later * self.row_bytes, skip))
             pending.flush()
@@ -139,7 +140,12 @@ class ExactVectors:
             self._pending_rows = 0
 
 
-def _copy(fd: int, out, nbytes: int) -> None:
+def _new_pending() -> IO[bytes]:
+    """An unnamed temp file for rows not saved yet (gone when closed or when the process dies)."""
+    return tempfile.TemporaryFile(prefix="diffcse-vectors-")
+
+
+def _copy(fd: int, out: IO[bytes], nbytes: int) -> None:
     """Append the first nbytes of fd to the open file out."""
     offset = 0
     while offset < nbytes:
