@@ -82,8 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-speedup", type=float, default=1.05,
                    help="median ONNX/torch speed ratio that counts as faster (a smaller win is within this machine's noise)")
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench_onnx"))
-    p.add_argument("--output", type=Path, default=Path("results/bench_onnx.json"))
+    p.add_argument("--output", type=Path, default=None,
+                   help="default results/bench_onnx.json (results/bench_onnx_sts.json with --sts)")
+    p.add_argument("--sts", action="store_true",
+                   help="instead: `diffcse eval`'s STS suite (test) with --backend torch and onnx (the Encoder's "
+                        "option, diffcse.core.onnx): every score and the time of each, at the first --threads count")
     args = p.parse_args(argv)
+    args.output = args.output or Path("results/bench_onnx_sts.json" if args.sts else "results/bench_onnx.json")
     args.thread_counts = [int(x) for x in args.threads.split(",") if x.strip()]
     args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variant_list if v not in VARIANTS]
@@ -329,9 +334,59 @@ def verdict(speed: dict, agree: dict, args: argparse.Namespace) -> dict:
     return out
 
 
+def sts_comparison(args: argparse.Namespace) -> None:
+    """The STS suite scored through Encoder(backend=torch) and Encoder(backend=onnx): scores and time."""
+    from diffcse.evaluation.adapter import FolderEncoder, evaluate_folder
+    from senteval_runner import STS_TASKS
+    from senteval_runner.engine import headline
+
+    threads = args.thread_counts[0]
+    torch.set_num_threads(threads)
+    runs: dict[str, dict] = {}
+    # torch, onnx, onnx, torch: each backend once early and once late, so a drift in load hits both.
+    for i, backend in enumerate(("torch", "onnx", "onnx", "torch")):
+        t0 = time.perf_counter()
+        enc = FolderEncoder(None, backend=backend)
+        load_s = time.perf_counter() - t0
+        before = loadavg()
+        t0 = time.perf_counter()
+        report = evaluate_folder(enc, tasks=list(STS_TASKS), mode="test", alignment_uniformity=False)
+        wall = time.perf_counter() - t0
+        # Unrounded headline scores (the table rounds to 2 decimals, which could hide or make a 0.01).
+        sts = {task: float(headline(task, report["results"][task], "test")) for task in STS_TASKS}
+        entry = runs.setdefault(backend, {"scores": sts, "eval_s": [], "load_s": [], "loadavg": []})
+        if entry["scores"] != sts:
+            raise RuntimeError(f"{backend}: two runs gave different scores: {entry['scores']} vs {sts}")
+        entry["eval_s"].append(round(wall, 1))
+        entry["load_s"].append(round(load_s, 1))
+        entry["loadavg"].append([before, loadavg()])
+        print(f"run {i} {backend}: STS-B {sts['STSBenchmark']:.4f} in {wall:.1f} s (load {before[0]:.2f})", flush=True)
+    diffs = {task: round(abs(runs["onnx"]["scores"][task] - runs["torch"]["scores"][task]), 6)
+             for task in runs["torch"]["scores"]}
+    result = {
+        "benchmark": "bench_onnx --sts",
+        "what": "diffcse eval's STS suite (test, 7 tasks, Spearman x 100 as SimCSE reports it) through the "
+                "Encoder with --backend torch and --backend onnx: every score, and the wall time of each run",
+        "settings": {"model": record_model(enc.encoder.name_or_path), "tasks": list(STS_TASKS), "mode": "test",
+                     "threads": threads, "order": "torch, onnx, onnx, torch", "tolerance": 0.01},
+        "machine": machine_probe(),
+        "runs": runs,
+        "max_abs_score_difference": max(diffs.values()),
+        "abs_score_difference": diffs,
+        "within_tolerance": max(diffs.values()) <= 0.01,
+        "time_ratio_torch_over_onnx": round(sum(runs["torch"]["eval_s"]) / sum(runs["onnx"]["eval_s"]), 3),
+    }
+    result["machine"]["versions"].update({name: dist_version(name) for name in EXTRA_VERSIONS})
+    path = write_result(args.output, result)
+    print(f"wrote {record_path(path)}: max |score difference| {result['max_abs_score_difference']}, "
+          f"time ratio torch/onnx {result['time_ratio_torch_over_onnx']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Export, check, time, and write the result."""
     args = parse_args(argv)
+    if args.sts:
+        return sts_comparison(args)
     torch.set_num_threads(max(args.thread_counts))
     sentences = read_sentences(args.corpus, args.sentences)
     encoder = Encoder.load(None, device="cpu")

@@ -283,3 +283,14 @@ def test_cached_filter_results_follow_every_write(data: dict) -> None:
     assert found() == (french | {new[0], res.ids[0]}) - set(gone)
     idx.upsert_vectors(["u"], data["x"][204:205], ["now english"], [{"lang": "en"}])
     assert found() == (french | {new[0]}) - set(gone)
+
+
+@pytest.mark.parametrize("ids", [[], [0], [3, 8, 9, 15, 16, 1000], list(range(0, 5000, 7)), [5, 2**40, 2**52]])
+def test_the_selector_of_a_filter_admits_exactly_its_ids(ids: list[int]) -> None:
+    # Small id ranges get a bitmap, sparse huge ones a hash set: both must admit exactly the ids.
+    from diffcse.search.index import id_selector
+
+    allowed = id_selector(np.asarray(ids, dtype=np.int64))
+    assert (allowed.bitmap is None) == (bool(ids) and ids[-1] >= 2**40)
+    probe = sorted(set(ids) | {0, 1, 2, 7, 8, 17, 999, 1001, 4999, 5005, 2**40 - 1, 2**40 + 1, 2**53})
+    assert {i for i in probe if allowed.selector.is_member(i)} == set(ids)

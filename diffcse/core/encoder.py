@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
 import numpy as np
@@ -21,7 +21,7 @@ from diffcse.core.folder import (
     resolve_pooler,
 )
 from diffcse.core.modeling import SentenceEncoder
-from diffcse.core.runtime import bf16_supported, resolve_device
+from diffcse.core.runtime import BACKENDS, bf16_supported, resolve_device
 
 # Encoding precisions: fp32 is the reference; bf16 autocast is the named faster mode.
 ENCODE_PRECISIONS = ("fp32", "bf16")
@@ -58,6 +58,8 @@ class Encoder:
         if module is not None:
             module.to(self.device)
         self._fingerprint: str | None = None
+        # The transformer forward in ONNX Runtime (Encoder.load(backend='onnx')); None = torch.
+        self.onnx: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
     @classmethod
     def load(
@@ -67,12 +69,19 @@ class Encoder:
         max_seq_length: int | None = None,
         device: str | None = None,
         precision: str = "fp32",
+        backend: str = "torch",
     ) -> Encoder:
         """Load a folder; pooler None = its own pooling (ST config, else [CLS]), 'st' = via SentenceTransformer.
 
         precision 'bf16' runs the transformer under bf16 autocast: faster on CPUs with bf16 units and
         on GPUs, embeddings differ from fp32 in about the third decimal (outputs stay float32).
+        backend 'onnx' runs the transformer in ONNX Runtime (CPU, BERT family; diffcse.core.onnx),
+        checked against torch to 1e-5 in cosine when loaded.
         """
+        if backend not in BACKENDS:
+            raise InputError(f"--backend: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if backend == "onnx" and precision != "fp32":
+            raise InputError("--backend onnx runs in fp32; drop --precision bf16 or use --backend torch")
         path = resolve_model_path(path)
         if pooler is not None and pooler != "st" and pooler not in POOLERS:
             raise InputError(f"--pooler: unknown pooler {pooler!r}; choose from st, {', '.join(POOLERS)}")
@@ -81,6 +90,9 @@ class Encoder:
         if pooler == "st" or (pooler is None and not info.native):
             from sentence_transformers import SentenceTransformer
 
+            if backend == "onnx":
+                raise InputError(f"--backend onnx: {path} runs through SentenceTransformer (pooler 'st' or a "
+                                 "pipeline we do not read); use --backend torch")
             st = SentenceTransformer(path, device=device)
             if max_seq_length:
                 st.max_seq_length = max_seq_length
@@ -92,7 +104,17 @@ class Encoder:
         limit = resolve_max_length(max_seq_length, info.max_seq_length, tokenizer, module.backbone.config, path)
         # An ST folder's Normalize module only applies when its own pooling is used.
         normalize = info.normalize and pooler is None
-        return cls(module, tokenizer, limit, normalize, path, device=device, precision=precision)
+        encoder = cls(module, tokenizer, limit, normalize, path, device=device, precision=precision)
+        if backend == "onnx":
+            from diffcse.core.onnx import onnx_forward
+
+            encoder.onnx = onnx_forward(module, tokenizer, encoder.fingerprint, encoder.device, limit)
+        return encoder
+
+    @property
+    def backend(self) -> str:
+        """'onnx' when ONNX Runtime runs the transformer, else 'torch'."""
+        return "torch" if self.onnx is None else "onnx"
 
     @property
     def dim(self) -> int:
@@ -166,7 +188,8 @@ class Encoder:
                 out = self.st_model.encode(chunk, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=normalize)
             return np.asarray(out, dtype=np.float32)
         encoded = self.tokenizer(chunk, truncation=True, max_length=self.max_seq_length, padding=False)
-        return encode_tokenized(self.module, self.tokenizer, encoded, batch_size, normalize, self.device, self.precision)
+        return encode_tokenized(self.module, self.tokenizer, encoded, batch_size, normalize, self.device, self.precision,
+                                forward=self.onnx)
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
@@ -183,8 +206,12 @@ def encode_tokenized(
     normalize: bool,
     device: torch.device,
     precision: str = "fp32",
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """Encode pre-tokenised sentences in batches sorted by length; the result is in input order."""
+    """Encode pre-tokenised sentences in batches sorted by length; the result is in input order.
+
+    `forward` (a padded batch to embeddings) replaces the module's own, e.g. ONNX Runtime's.
+    """
     ids = encoded["input_ids"]
     n = len(ids)
     out = np.empty((n, module.hidden_size), dtype=np.float32)
@@ -196,7 +223,7 @@ def encode_tokenized(
             batch = tokenizer.pad({k: [encoded[k][i] for i in idx] for k in keys}, return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, precision):
-                emb = module(**batch).embedding.float()
+                emb = (forward(batch) if forward is not None else module(**batch).embedding).float()
             if normalize:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
             out[idx] = emb.cpu().numpy()

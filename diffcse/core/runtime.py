@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# What runs an Encoder's transformer: torch, or ONNX Runtime (diffcse.core.onnx).
+BACKENDS = ("torch", "onnx")
 
 
 def quiet_openmp() -> None:

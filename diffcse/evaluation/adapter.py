@@ -22,10 +22,11 @@ class FolderEncoder:
     preferred_chunk_size = 8192
 
     def __init__(self, model: str | None, pooler: str | None = None, max_seq_length: int | None = None,
-                 device: str | None = None, batch_size: int = 64, precision: str = "fp32") -> None:
+                 device: str | None = None, batch_size: int = 64, precision: str = "fp32",
+                 backend: str = "torch") -> None:
         """Load ``model`` with ``pooler`` (None = the folder's own pooling, 'st' = SentenceTransformer)."""
         self.encoder = Encoder.load(model, pooler=pooler, max_seq_length=max_seq_length, device=device,
-                                    precision=precision)
+                                    precision=precision, backend=backend)
         self.batch_size = batch_size
         module = self.encoder.module
         self.description = {
@@ -35,6 +36,7 @@ class FolderEncoder:
             "normalize": bool(self.encoder.normalize_default),
             "device": str(self.encoder.device),
             "precision": precision,
+            "backend": backend,
         }
 
     def __call__(self, sentences: list[str]) -> np.ndarray:

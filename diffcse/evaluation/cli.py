@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from diffcse.core.errors import InputError
 from diffcse.core.io import check_input_file, display_path
 from diffcse.core.options import add_command, opt
+from diffcse.core.runtime import BACKENDS
 from diffcse.evaluation.mteb import MTEB_TASKS, OWN_TASKS
 
 POOLERS = ("st", "cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
@@ -39,6 +40,9 @@ class EvalConfig:
     device: str | None = opt(None, "encoder device (default: cuda if available, else cpu)")
     precision: str = opt("fp32", "encoder precision: fp32 (reference) or bf16 autocast (faster where the "
                          "hardware has bf16 units; scores move by a few hundredths)", choices=("fp32", "bf16"))
+    backend: str = opt("torch", "the encoder's transformer runtime: torch, or onnx (ONNX Runtime with BERT "
+                       "fusions; CPU, fp32; STS scores equal torch's within 0.01, docs/benchmarks.md)",
+                       choices=BACKENDS)
     classifier_device: str | None = opt(None, "device for the transfer classifiers (default: the encoder's)")
     reference: bool = opt(False, "fit SentEval's classifiers one at a time (slow reference path)")
     threads: int | None = opt(None, "torch CPU threads for encoding", min=1)
@@ -112,7 +116,8 @@ def run(cfg: EvalConfig) -> int:
         read_classification_file(path, min_per_label=CONFIGS[cfg.mode].kfold)
     device = runtime.setup(cfg.threads, cfg.device)
     enc = FolderEncoder(cfg.model, pooler=cfg.pooler, max_seq_length=cfg.max_seq_length,
-                        device=device, batch_size=cfg.batch_size, precision=cfg.precision)
+                        device=device, batch_size=cfg.batch_size, precision=cfg.precision,
+                        backend=cfg.backend)
     clf_device = cfg.classifier_device or enc.description["device"]
 
     def progress(msg: str) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from diffcse.core.errors import InputError
 from diffcse.core.options import add_command, opt
+from diffcse.core.runtime import BACKENDS
 from diffcse.search.manifest import KINDS, MANIFEST_NAME, Manifest
 
 if TYPE_CHECKING:
@@ -69,6 +70,9 @@ class ModelOptions(RuntimeOptions):
     pooler: str | None = opt(None, "override the folder's pooling", choices=POOLER_CHOICES)
     max_seq_length: int | None = opt(None, "truncate inputs to this many tokens (default: the model's)", min=3)
     batch_size: int = opt(64, "sentences per forward pass", min=1)
+    backend: str = opt("torch", "the transformer's runtime: torch, or onnx (ONNX Runtime with BERT fusions; "
+                       "CPU, BERT family, fp32; checked against torch when loaded; pip install 'diffcse[onnx]')",
+                       choices=BACKENDS)
 
 
 @dataclass(kw_only=True)
@@ -337,15 +341,17 @@ def _load_encoder(cfg: ModelOptions, device: str, manifest: Manifest | None = No
     from diffcse.search.index import load_recorded_encoder
 
     if manifest is None:
-        return Encoder.load(cfg.model, pooler=cfg.pooler, max_seq_length=cfg.max_seq_length, device=device)
+        return Encoder.load(cfg.model, pooler=cfg.pooler, max_seq_length=cfg.max_seq_length, device=device,
+                            backend=cfg.backend)
     if cfg.model is None and cfg.pooler is None and cfg.max_seq_length is None:
-        return load_recorded_encoder(manifest, index_dir, device=device)
+        return load_recorded_encoder(manifest, index_dir, device=device, backend=cfg.backend)
     recorded = manifest.model or {}
     return Encoder.load(
         cfg.model or recorded.get("name_or_path"),
         pooler=cfg.pooler or recorded.get("pooler"),
         max_seq_length=cfg.max_seq_length or recorded.get("max_seq_length"),
         device=device,
+        backend=cfg.backend,
     )
 
 
@@ -353,7 +359,6 @@ def run_encode(cfg: EncodeConfig) -> int:
     """Entry point of `diffcse encode`: streams the file, refuses non-finite vectors, writes the array atomically."""
     import numpy as np
 
-    from diffcse.core.encoder import Encoder
     from diffcse.core.io import atomic_path, iter_lines
 
     device = _setup(cfg)
@@ -363,7 +368,7 @@ def run_encode(cfg: EncodeConfig) -> int:
     out = Path(cfg.output)
     if out.is_dir():
         raise InputError(f"--output {out} is a folder; name the .npy file to write")
-    encoder = Encoder.load(cfg.model, pooler=cfg.pooler, max_seq_length=cfg.max_seq_length, device=device)
+    encoder = _load_encoder(cfg, device)
     n = len(lines)
     with atomic_path(out, suffix=".npy") as tmp:
         # Preallocated on disk and filled chunk by chunk, so memory stays bounded by one chunk.
