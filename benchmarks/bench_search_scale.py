@@ -45,7 +45,9 @@ TARGET = {"peak_rss_gb": 4.0, "recall_at_10": 0.95, "qps_batched": 100}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("scale", "hybrid"), required=True)
+    p.add_argument("--part", choices=("scale", "hybrid", "selectors"), required=True,
+                   help="selectors: on the index --part scale built, filtered QPS with the ID selector the index "
+                        "uses (a bitmap) against faiss's IDSelectorBatch, alternated; added to its JSON")
     p.add_argument("--corpus", type=Path, default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--cache-dir", type=Path, default=Path("runs/bench_search"))
@@ -66,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nprobes", default="16,32,64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--serve", type=Path, default=None, help=argparse.SUPPRESS)  # the serving child process
+    p.add_argument("--serve-again", metavar="NAME", default=None,
+                   help="measure serving of the index already built in --work-dir again, in a fresh process, and "
+                        "store it as scale.NAME in the existing --output JSON (e.g. after a change to search)")
     return p.parse_args(argv)
 
 
@@ -147,12 +152,7 @@ def run_scale(args: argparse.Namespace) -> dict:
     del base
     np.save(args.work_dir / "queries.npy", queries)
     np.save(args.work_dir / "truth.npy", truth)
-    cmd = [sys.executable, "-m", "benchmarks.bench_search_scale", "--part", "scale", "--serve", str(path),
-           "--work-dir", str(args.work_dir), "--threads", str(args.threads), "--nprobes", args.nprobes]
-    served = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if served.returncode != 0:
-        raise RuntimeError(f"serving process failed:\n{served.stderr[-3000:]}")
-    serving = json.loads(served.stdout.strip().splitlines()[-1])
+    serving = serve_in_child(path, args)
     return {
         "n": args.size, "n_real": len(real), "queries": len(queries), "kind": "ivfpq", "params": manifest.params,
         "encoding": meta,
@@ -160,6 +160,78 @@ def run_scale(args: argparse.Namespace) -> dict:
         "build_peak_rss_gb": build_rss, "files_bytes": sizes, "disk_bytes": sum(sizes.values()),
         "truth_s": round(truth_s, 1), "loadavg_build": [load0, loadavg()], "serving": serving,
     }
+
+
+def serve_in_child(path: Path, args: argparse.Namespace) -> dict:
+    """Measure serving the saved index at `path` in a fresh process (its peak RSS is serving's alone)."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_search_scale", "--part", "scale", "--serve", str(path),
+           "--work-dir", str(args.work_dir), "--threads", str(args.threads), "--nprobes", args.nprobes]
+    served = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if served.returncode != 0:
+        raise RuntimeError(f"serving process failed:\n{served.stderr[-3000:]}")
+    return json.loads(served.stdout.strip().splitlines()[-1])
+
+
+def serve_again(args: argparse.Namespace) -> Path:
+    """Serving of the index built earlier, measured again and added to the existing result as scale.NAME."""
+    from diffcse.core.io import read_json
+
+    output = args.output or Path("results/bench_search_scale.json")
+    result = read_json(output)
+    if not result or "scale" not in result:
+        sys.exit(f"--serve-again: {output} holds no scale result to add to; run --part scale first")
+    before = loadavg()
+    serving = serve_in_child(args.work_dir / "index", args)
+    serving.update({"loadavg_before": before, "loadavg_after": loadavg(), "machine": machine_probe(),
+                    "command": f"python -m benchmarks.bench_search_scale --part scale --serve-again {args.serve_again}"})
+    result["scale"][args.serve_again] = serving
+    write_result(output, result)
+    return output
+
+
+def selector_ab(args: argparse.Namespace) -> Path:
+    """Filtered search on the built index with a bitmap selector vs an IDSelectorBatch, alternated, page cache warm."""
+    import faiss
+
+    import diffcse.search.index as index_module
+    from diffcse.core.io import read_json
+    from diffcse.search import SearchIndex
+
+    output = args.output or Path("results/bench_search_scale.json")
+    result = read_json(output)
+    if not result or "scale" not in result:
+        sys.exit(f"--part selectors: {output} holds no scale result to add to; run --part scale first")
+    index = SearchIndex.load(args.work_dir / "index")
+    queries = np.load(args.work_dir / "queries.npy")
+    nprobe = 32
+    builders = {"bitmap (ours)": index_module.id_selector,
+                "IDSelectorBatch": lambda ids: index_module.Allowed(ids, faiss.IDSelectorBatch(ids), None, 0)}
+    rows = []
+    for where, share in (({"bucket": {"lt": 10}}, 0.10), ({"bucket": 7}, 0.01)):
+        for rnd in range(2):
+            for name, build in builders.items():
+                index_module.id_selector = build
+                index._filter_cache.clear()
+                index.search_vectors(queries[:5], top_k=10, nprobe=nprobe, where=where)  # SQL scan, selector built
+                t = time.perf_counter()
+                index.search_vectors(queries, top_k=10, nprobe=nprobe, where=where)
+                batched = time.perf_counter() - t
+                t = time.perf_counter()
+                for q in queries[:20]:
+                    index.search_vectors(q, top_k=10, nprobe=nprobe, where=where)
+                single = (time.perf_counter() - t) / 20
+                rows.append({"selector": name, "selectivity": share, "round": rnd, "nprobe": nprobe,
+                             "qps_batched": round(len(queries) / batched, 1), "qps_single": round(1 / single, 1),
+                             "loadavg": loadavg()})
+                print(rows[-1], flush=True)
+    index_module.id_selector = builders["bitmap (ours)"]
+    result["scale"]["selector_ab"] = {
+        "what": "filtered search, re-scored, nprobe 32, both selectors cached (built once per filter), two "
+                "alternating rounds after a warm-up call each; 1,000 queries batched, 20 single",
+        "rows": rows, "machine": machine_probe(),
+        "command": "python -m benchmarks.bench_search_scale --part selectors"}
+    write_result(output, result)
+    return output
 
 
 def serve(args: argparse.Namespace) -> dict:
@@ -206,8 +278,8 @@ def serve(args: argparse.Namespace) -> dict:
         print(sweep[-1], file=sys.stderr, flush=True)
     index._manifest.params["rescore"] = factor
     best = max((p for p in sweep if p["rescore"]), key=lambda p: (p["recall_at_10"] >= TARGET["recall_at_10"], p["qps_batched"]))
-    filtered = [measure(best["nprobe"], {"bucket": 7}, n_single=3),
-                measure(best["nprobe"], {"bucket": {"lt": 10}}, n_single=3)]
+    filtered = [measure(best["nprobe"], {"bucket": 7}, n_single=20),
+                measure(best["nprobe"], {"bucket": {"lt": 10}}, n_single=20)]
     for row, share in zip(filtered, (0.01, 0.10), strict=True):
         row["selectivity"] = share
     return {"load_s": round(load_s, 1), "sweep": sweep, "filtered": filtered, "peak_rss_gb": peak_rss_gb()}
@@ -246,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     if args.serve is not None:
         print(json.dumps(serve(args)))
+        return 0
+    if args.serve_again:
+        print(f"wrote {serve_again(args)}")
+        return 0
+    if args.part == "selectors":
+        print(f"wrote {selector_ab(args)}")
         return 0
     args.corpus = args.corpus or default_corpus()
     result = {"settings": record_settings(vars(args), models=("model",),
