@@ -1,15 +1,15 @@
 """Large batches on small memory: gradient caching's peak RSS and time, and a 10^7-line corpus from disk.
 
     python -m benchmarks.bench_large_batch [--batches 64,512,4096,16384] [--uncached 64,512,1024]
-        [--chunk 64] [--threads 2] [--corpus-lines 10000000] [--quality] [--output results/bench_large_batch.json]
+        [--chunk 64] [--threads 2] [--corpus-lines 10000000] [--output results/bench_large_batch.json]
 
 Memory/speed: unsupervised SimCSE on the packaged all-MiniLM-L6-v2 (max_len 32, fp32), each
 setting in a fresh process (its peak RSS is its own): seconds per 1,000 training sentences of the
 last measured step, peak RSS, with `--grad-cache-chunk` and without it where it fits in memory.
 Corpus: a synthetic 10^7-line file trained a few steps with `--corpus-loading disk`; the RAM it
 costs is the peak RSS of that run minus the same run on a 1,000-line file.
-Quality (`--quality`): the same number of training sentences at batch 64, 512 and 2,048 (cached),
-two seeds each, STS test Spearman of each exported model.
+Quality at equal training sentences (batch 64, 512, 2,048; two seeds) is an experiment grid, run by
+the experiment runner: `diffcse experiment configs/experiments/batch-size-minilm.yaml`.
 """
 
 from __future__ import annotations
@@ -37,11 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-seq-length", type=int, default=32)
     p.add_argument("--corpus-lines", type=int, default=10_000_000, help="0 skips the large-corpus run")
-    p.add_argument("--quality", action="store_true", help="also run the batch-size quality comparison (about an hour)")
-    p.add_argument("--quality-sentences", type=int, default=16384, help="training sentences per quality run")
-    p.add_argument("--quality-batches", default="64,512,2048")
-    p.add_argument("--seeds", default="1,2")
-    p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--output", type=Path, default=OUT)
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # child: one measurement
     p.add_argument("--one-chunk", type=int, default=0, help=argparse.SUPPRESS)
@@ -133,32 +128,6 @@ def corpus_run(lines: int, threads: int) -> dict:
     return out
 
 
-def quality_runs(args: argparse.Namespace) -> list[dict]:
-    """Equal training sentences at several batch sizes and seeds; STS test of each exported model."""
-    from diffcse.evaluation.adapter import FolderEncoder
-    from diffcse.training.config import load_config
-    from diffcse.training.trainer import train
-    from senteval_runner import STS_TASKS, evaluate
-
-    runs = []
-    for batch in [int(b) for b in args.quality_batches.split(",")]:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            out = Path("runs/bench_large_batch") / f"b{batch}-s{seed}"
-            config = load_config(None, {
-                "objective": "simcse", "batch_size": batch, "max_steps": args.quality_sentences // batch,
-                "learning_rate": args.lr, "seed": seed, "do_eval": False, "precision": "fp32",
-                "grad_cache_chunk": args.chunk if batch > 512 else None, "output_dir": str(out),
-                "threads": args.threads, "save_steps": 10**6,
-            })
-            t0 = time.perf_counter()
-            summary = train(config)
-            report = evaluate(FolderEncoder(str(out)), tasks=list(STS_TASKS), mode="test")
-            runs.append({"batch": batch, "seed": seed, "steps": summary["steps"], "train_seconds": round(summary["train_seconds"], 1),
-                         "sts": report["table"]["sts"], "seconds": round(time.perf_counter() - t0, 1)})
-            print(f"batch {batch} seed {seed}: STS avg {report['table']['sts']['Avg.']:.2f}", flush=True)
-    return runs
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the measurements and write the JSON."""
     args = parse_args(argv)
@@ -181,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.corpus_lines:
         result["corpus"] = corpus_run(args.corpus_lines, args.threads)
         write_result(args.output, result)
-    if args.quality:
-        result["quality"] = quality_runs(args)
     result["machine"]["loadavg_end"] = machine_probe()["loadavg"]
     write_result(args.output, result)
     return 0
