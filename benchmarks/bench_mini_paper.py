@@ -1,6 +1,6 @@
 """The papers' setting in miniature: SimCSE vs DiffCSE from an MLM-pretrained start with a smaller MLM generator.
 
-    python -m benchmarks.bench_mini_paper [--mlm-steps 300] [--steps 200] [--batch-size 32] [--seeds 3]
+    python -m benchmarks.bench_mini_paper [--mlm-steps 300] [--steps 100] [--batch-size 32] [--seeds 3]
 
 The papers start from an MLM-pretrained encoder (BERT-base) and use a smaller MLM (DistilBERT) as
 DiffCSE's generator. No such weights can be installed here, so they are made:
@@ -10,8 +10,9 @@ DiffCSE's generator. No such weights can be installed here, so they are made:
 2. a 3-layer copy of it becomes the generator (as DistilBERT is to BERT);
 3. SimCSE and DiffCSE (the paper's recipe: BatchNorm head, mask 0.30, λ 0.005, the generator's
    argmax at every position, L_RTD over padding) train from that start at one equal budget,
-   [CLS] pooling, `--seeds` seeds each, through `diffcse experiment`, whose report (mean ± std,
-   paired difference with a 95% interval) is copied to results/experiments/diffcse-mini-paper/.
+   [CLS] pooling (before the pooler layer; the head in training only), `--seeds` seeds each,
+   through `diffcse experiment`, whose report (mean ± std, paired difference with a 95%
+   interval) is copied to results/experiments/diffcse-mini-paper/.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ STS = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelated
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mlm-steps", type=int, default=300)
-    p.add_argument("--steps", type=int, default=200, help="SimCSE/DiffCSE steps per run")
+    p.add_argument("--steps", type=int, default=100, help="SimCSE/DiffCSE steps per run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-5, help="one learning rate for both objectives (equal budget)")
     p.add_argument("--seeds", type=int, default=3)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         AutoTokenizer.from_pretrained(start).save_pretrained(generator)
     grid_file = runs / "grid.yaml"
     grid_file.write_text(yaml.safe_dump({
-        "base": {"model": str(start), "pooler": "cls", "batch_size": args.batch_size, "max_steps": args.steps,
+        "base": {"model": str(start), "pooler": "cls_before_pooler", "batch_size": args.batch_size, "max_steps": args.steps,
                  "learning_rate": args.lr, "max_seq_length": 32, "eval_steps": 50, "save_steps": 100,
                  "precision": "auto", "threads": args.threads},
         "variants": {
