@@ -172,14 +172,20 @@ def serve_in_child(path: Path, args: argparse.Namespace) -> dict:
     return json.loads(served.stdout.strip().splitlines()[-1])
 
 
-def serve_again(args: argparse.Namespace) -> Path:
-    """Serving of the index built earlier, measured again and added to the existing result as scale.NAME."""
+def scale_result(args: argparse.Namespace, flag: str) -> tuple[Path, dict]:
+    """The --output JSON of an earlier --part scale run, which measurements of its index are added to."""
     from diffcse.core.io import read_json
 
     output = args.output or Path("results/bench_search_scale.json")
     result = read_json(output)
     if not result or "scale" not in result:
-        sys.exit(f"--serve-again: {output} holds no scale result to add to; run --part scale first")
+        sys.exit(f"{flag}: {output} holds no scale result to add to; run --part scale first")
+    return output, result
+
+
+def serve_again(args: argparse.Namespace) -> Path:
+    """Serving of the index built earlier, measured again and added to the existing result as scale.NAME."""
+    output, result = scale_result(args, "--serve-again")
     before = loadavg()
     serving = serve_in_child(args.work_dir / "index", args)
     serving.update({"loadavg_before": before, "loadavg_after": loadavg(), "machine": machine_probe(),
@@ -194,13 +200,9 @@ def selector_ab(args: argparse.Namespace) -> Path:
     import faiss
 
     import diffcse.search.index as index_module
-    from diffcse.core.io import read_json
     from diffcse.search import SearchIndex
 
-    output = args.output or Path("results/bench_search_scale.json")
-    result = read_json(output)
-    if not result or "scale" not in result:
-        sys.exit(f"--part selectors: {output} holds no scale result to add to; run --part scale first")
+    output, result = scale_result(args, "--part selectors")
     index = SearchIndex.load(args.work_dir / "index")
     queries = np.load(args.work_dir / "queries.npy")
     nprobe = 32
