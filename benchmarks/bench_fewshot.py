@@ -90,7 +90,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="results/bench_fewshot.json")
     p.add_argument("--resume", action="store_true", help="keep finished runs from --out and do the rest")
     p.add_argument("--report-only", action="store_true", help="recompute the summary and table from --out's runs")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="add the runs of these result files (same settings, e.g. tasks run by another process) "
+                        "to --out, then rewrite its summary and table")
     return p.parse_args(argv)
+
+
+# Meta keys that must agree for two result files to be one grid.
+GRID_SETTINGS = (
+    "model_name", "pooler", "shots", "seeds", "losses", "train_layers", "epochs", "min_steps", "max_steps",
+    "batch_size", "lr", "head_lr", "proxy_lr", "max_seq_length", "max_test", "test_fraction", "loss_specs",
+)
+
+
+def run_key(run: dict) -> tuple:
+    """What identifies one fine-tuning run in a grid."""
+    return run["task"], run["shots"], run["loss"], run["seed"]
+
+
+def merge_reports(base: dict, parts: list[tuple[str, dict]]) -> dict:
+    """One report from results of the same grid that separate processes wrote (e.g. different tasks).
+
+    Settings must agree; a run present twice must have the same accuracy. Wall time is summed over
+    the parts (they may have run side by side), and their number is recorded.
+    """
+    meta = dict(base["meta"])
+    runs = {run_key(r): r for r in base["runs"]}
+    complete = bool(base.get("complete"))
+    for name, part in parts:
+        other = part["meta"]
+        differ = [k for k in GRID_SETTINGS if meta.get(k) != other.get(k)]
+        if differ:
+            raise SystemExit(f"--merge {name}: settings differ from the other results in {', '.join(differ)}")
+        for r in part["runs"]:
+            old = runs.setdefault(run_key(r), r)
+            if old["accuracy_classifier"] != r["accuracy_classifier"]:
+                raise SystemExit(f"--merge {name}: run {run_key(r)} is already there with another accuracy")
+        meta["tasks"] = list(dict.fromkeys([*meta["tasks"], *other["tasks"]]))
+        meta["protocol"] = {**meta["protocol"], **other["protocol"]}
+        meta["wall_seconds"] = meta.get("wall_seconds", 0.0) + other.get("wall_seconds", 0.0)
+        meta["processes"] = meta.get("processes", 1) + other.get("processes", 1)
+        complete = complete and bool(part.get("complete"))
+    order = {t: i for i, t in enumerate(meta["tasks"])}
+    merged = sorted(runs.values(), key=lambda r: (order.get(r["task"], len(order)), r["seed"], r["shots"]))
+    rows = summarize(merged, meta["losses"])
+    return {"meta": meta, "summary": rows, "claims": verdicts(rows, merged), "runs": merged, "complete": complete}
 
 
 def summarize(runs: list[dict], losses: list[str]) -> list[dict]:
@@ -141,7 +185,9 @@ def verdicts(rows: list[dict], runs: list[dict]) -> dict:
     from scipy import stats
 
     out = {}
-    for loss, claim in CLAIMS.items():
+    others = [loss for loss in dict.fromkeys(r["loss"] for r in rows) if loss != "cce"]
+    for loss in [*CLAIMS, *(loss for loss in others if loss not in CLAIMS)]:
+        claim = CLAIMS.get(loss, {"paper": "", "claim": "—"})
         ds = [r["delta_vs_cce"] for r in rows if r["loss"] == loss and "delta_vs_cce" in r]
         if not ds:
             continue
@@ -160,6 +206,8 @@ def verdicts(rows: list[dict], runs: list[dict]) -> dict:
             out[loss].update({
                 "episodes": len(d), "episode_mean": float(d.mean()),
                 "episode_se": float(d.std(ddof=1) / np.sqrt(len(d))),
+                "episode_ci95": [float(x) for x in stats.t.interval(
+                    0.95, len(d) - 1, loc=d.mean(), scale=d.std(ddof=1) / np.sqrt(len(d)))],
                 "episode_p": float(stats.ttest_1samp(d, 0.0).pvalue),
                 "episodes_better": int((d > 0).sum()), "episodes_worse": int((d < 0).sum()),
             })
@@ -177,7 +225,9 @@ def markdown(report: dict) -> str:
         "",
         f"Model: {m['model_name']}, top {m['train_layers']} layer(s) fine-tuned, {schedule} × batch {m['batch_size']}, lr {m['lr']:g} / head {m['head_lr']:g} / proxies {m['proxy_lr']:g}, max_len "
         f"{m['max_seq_length']}, test ≤ {m['max_test']} per seed, {m['seeds']} seeds; "
-        f"wall {m.get('wall_seconds', 0) / 60:.1f} min on {m['cpu']}.",
+        f"wall {m.get('wall_seconds', 0) / 60:.1f} min on {m['cpu']}"
+        + (f" (summed over {m['processes']} processes that ran side by side, one thread each)."
+           if m.get("processes", 1) > 1 else "."),
         "Accuracy (%) through the classifier head, mean ± std over seeds (ddof=1); Δ = paired mean difference "
         "to CCE on the same episodes (± its std). Proxy = nearest-proxy inference with the same model.",
         "",
@@ -191,14 +241,15 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "Claims: Δ averaged over the (task, shots) cells, by shot size, and pooled over all paired episodes "
-        "(mean ± standard error, one-sample t-test p, uncorrected; episodes better/worse than CCE).",
+        "(mean ± standard error [95% t interval], one-sample t-test p, uncorrected; episodes better/worse than CCE).",
         "",
         "| loss | paper's claim | ours: avg Δ (min..max) | by shots | cells better | episodes: Δ ± SE, p, better/worse |",
         "|---|---|---|---|---|---|",
     ]
     for loss, v in report["claims"].items():
         shots = ", ".join(f"{k}: {d:+.2f}" for k, d in v["ours_avg_by_shots"].items())
-        pooled = (f"{v['episode_mean']:+.2f} ± {v['episode_se']:.2f}, p={v['episode_p']:.3f}, "
+        pooled = (f"{v['episode_mean']:+.2f} ± {v['episode_se']:.2f} "
+                  f"[{v['episode_ci95'][0]:+.2f}, {v['episode_ci95'][1]:+.2f}], p={v['episode_p']:.3f}, "
                   f"{v['episodes_better']}/{v['episodes_worse']}") if "episode_mean" in v else "—"
         lines.append(
             f"| {loss} | {v['claim']} | {v['ours_avg']:+.2f} ({v['ours_min']:+.2f}..{v['ours_max']:+.2f}) | {shots} | "
@@ -210,6 +261,14 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the grid, saving after every run."""
     args = parse_args(argv)
+    out = Path(args.out)
+    if args.merge:
+        parts = [(name, json.loads(Path(name).read_text())) for name in args.merge]
+        base = json.loads(out.read_text()) if out.exists() else parts.pop(0)[1]
+        report = merge_reports(base, parts)
+        write_result(out, report)
+        write_markdown(out, report)
+        return 0
     from diffcse.core.runtime import set_threads
     from diffcse.finetune import FinetuneConfig, Finetuner, load_fewshot_task, make_episode
     from diffcse.finetune.config import parse_params
@@ -227,7 +286,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--loss-param: no loss in --losses has the term(s) {', '.join(unused)}")
 
     set_threads(args.threads)
-    out = Path(args.out)
     if args.report_only:
         report = json.loads(out.read_text())
         rows = summarize(report["runs"], report["meta"]["losses"])
@@ -236,20 +294,24 @@ def main(argv: list[str] | None = None) -> int:
         write_markdown(out, report)
         return 0
     runs: list[dict] = []
+    prior_meta: dict = {}
     if args.resume and out.exists():
-        runs = json.loads(out.read_text()).get("runs", [])
+        prior = json.loads(out.read_text())
+        runs, prior_meta = prior.get("runs", []), prior.get("meta", {})
     done = {(r["task"], r["shots"], r["loss"], r["seed"]) for r in runs}
     tuner = Finetuner(args.model, None, args.max_seq_length, args.train_layers, "cpu")
     meta = {
         "model": record_model(tuner.model_path), "model_name": record_model(tuner.model_path),
-        "pooler": tuner.pooler, "tasks": args.tasks, "shots": args.shots, "seeds": args.seeds, "losses": args.losses,
+        "pooler": tuner.pooler,
+        # A resumed file keeps the tasks (and their protocols) that earlier invocations ran.
+        "tasks": list(dict.fromkeys([*prior_meta.get("tasks", []), *args.tasks])), "shots": args.shots, "seeds": args.seeds, "losses": args.losses,
         "train_layers": args.train_layers, "epochs": args.epochs, "min_steps": args.min_steps,
         "max_steps": args.max_steps, "batch_size": args.batch_size,
         "lr": args.lr, "head_lr": args.head_lr, "proxy_lr": args.proxy_lr, "max_seq_length": args.max_seq_length,
         "max_test": args.max_test, "test_fraction": args.test_fraction, "threads": args.threads,
         "cpu": f"{os.cpu_count()} CPU cores ({platform.machine()}), shared", "machine": machine_probe(),
         "loss_specs": {loss: asdict(parse_loss_spec(loss, params=params_for(loss))) for loss in args.losses},
-        "protocol": {},
+        "protocol": dict(prior_meta.get("protocol", {})), "processes": prior_meta.get("processes", 1),
     }
     t_start = time.perf_counter()
     report: dict = {}
@@ -260,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update({"meta": meta, "summary": rows, "claims": verdicts(rows, runs), "runs": runs, "complete": final})
         write_result(out, report)
 
-    prior_wall = json.loads(out.read_text())["meta"].get("wall_seconds", 0.0) if args.resume and out.exists() else 0.0
+    prior_wall = prior_meta.get("wall_seconds", 0.0)
     for task in args.tasks:
         loaded = load_fewshot_task(task, args.senteval_data)
         for seed in range(args.seeds):
