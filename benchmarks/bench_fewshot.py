@@ -206,12 +206,54 @@ def verdicts(rows: list[dict], runs: list[dict]) -> dict:
             out[loss].update({
                 "episodes": len(d), "episode_mean": float(d.mean()),
                 "episode_se": float(d.std(ddof=1) / np.sqrt(len(d))),
-                "episode_ci95": [float(x) for x in stats.t.interval(
-                    0.95, len(d) - 1, loc=d.mean(), scale=d.std(ddof=1) / np.sqrt(len(d)))],
+                "episode_ci95": list(t_interval(d)),
                 "episode_p": float(stats.ttest_1samp(d, 0.0).pvalue),
                 "episodes_better": int((d > 0).sum()), "episodes_worse": int((d < 0).sum()),
             })
     return out
+
+
+def t_interval_from(mean: float, std: float, n: int) -> tuple[float, float]:
+    """Two-sided 95% Student-t interval of a mean, from the sample's mean, std (ddof=1) and size."""
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n))
+    return mean - half, mean + half
+
+
+def t_interval(d: np.ndarray) -> tuple[float, float]:
+    """Two-sided 95% Student-t interval of the mean of paired differences."""
+    return t_interval_from(float(d.mean()), float(d.std(ddof=1)), len(d))
+
+
+def pivot(report: dict, shots: int) -> list[str]:
+    """Δ vs CCE per loss (rows) and task (columns) at one shot size, and pooled over the tasks' episodes."""
+    rows = [r for r in report["summary"] if r["shots"] == shots]
+    tasks = [t for t in report["meta"]["tasks"] if any(r["task"] == t for r in rows)]
+    runs = [r for r in report["runs"] if r["shots"] == shots]
+    cell = {(r["task"], r["loss"]): r for r in rows}
+    lines = [f"| {shots}-shot | " + " | ".join(tasks) + " | all tasks: Δ [95% interval] |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+    base = [cell[(t, "cce")] for t in tasks if (t, "cce") in cell]
+    lines.append("| CCE (accuracy) | " + " | ".join(f"{r['mean']:.1f}" for r in base) + " | |")
+    for loss in report["meta"]["losses"]:
+        if loss == "cce":
+            continue
+        out = []
+        for t in tasks:
+            r = cell.get((t, loss))
+            if r is None or "delta_vs_cce" not in r:
+                out.append("")
+                continue
+            text = f"{r['delta_vs_cce']:+.1f}"
+            if r["n_seeds"] > 1:
+                lo, hi = t_interval_from(r["delta_vs_cce"], r["delta_std"], r["n_seeds"])
+                text = f"**{text}**" if lo > 0 or hi < 0 else text
+            out.append(text)
+        d = paired_deltas(runs, loss)
+        pooled = "{:+.2f} [{:+.2f}, {:+.2f}]".format(d.mean(), *t_interval(d)) if len(d) > 1 else ""
+        lines.append(f"| {loss} | " + " | ".join(out) + f" | {pooled} |")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -228,6 +270,14 @@ def markdown(report: dict) -> str:
         f"wall {m.get('wall_seconds', 0) / 60:.1f} min on {m['cpu']}"
         + (f" (summed over {m['processes']} processes that ran side by side, one thread each)."
            if m.get("processes", 1) > 1 else "."),
+        "",
+        "Δ accuracy (points) vs CCE by task, the paired mean over seeds; **bold**: its 95% t interval over "
+        "seeds excludes 0. Last column: every episode of that shot size pooled, with its 95% t interval.",
+        "",
+    ]
+    for shots in m["shots"]:
+        lines += [*pivot(report, shots), ""]
+    lines += [
         "Accuracy (%) through the classifier head, mean ± std over seeds (ddof=1); Δ = paired mean difference "
         "to CCE on the same episodes (± its std). Proxy = nearest-proxy inference with the same model.",
         "",
