@@ -65,6 +65,12 @@ def test_merge_keeps_every_run_and_computes_paired_differences(tmp_path: Path) -
     assert claim["episode_mean"] == pytest.approx(d.mean())
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     assert claim["episode_ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    md = (tmp_path / "part0.md").read_text()
+    assert "| 8-shot | TREC | MR | MRPC | all tasks" in md
+    d8 = np.array([100 * (v - acc[(t, k, "cce", s)]) for (t, k, loss, s), v in acc.items()
+                   if loss == "cce+scal" and k == 8])
+    half8 = stats.t.ppf(0.975, len(d8) - 1) * d8.std(ddof=1) / np.sqrt(len(d8))
+    assert f"{d8.mean():+.2f} [{d8.mean() - half8:+.2f}, {d8.mean() + half8:+.2f}] |" in md
     row = next(r for r in report["summary"] if (r["task"], r["shots"], r["loss"]) == ("MRPC", 32, "cce+proxyanchor"))
     cell = [100 * (acc[("MRPC", 32, "cce+proxyanchor", s)] - acc[("MRPC", 32, "cce", s)]) for s in range(4)]
     assert row["delta_vs_cce"] == pytest.approx(np.mean(cell))
