@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=["MR", "CR", "SUBJ", "TREC", "MRPC"])
     p.add_argument("--shots", nargs="+", type=int, default=[8, 32])
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="run seeds first..seeds-1 only (to split a task's seeds between processes; see --merge)")
     p.add_argument("--losses", nargs="+", default=["cce", "cce+proxyanchor", "cce+softtriple", "tripleentropy", "cce+supcon"],
                    help="loss specs, e.g. cce+scal cce+clld cce+moscl cce+ensemble jcc (docs/finetune.md)")
     p.add_argument("--loss-param", action="append", default=[], metavar="TERM.ARG=V",
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     prior_wall = prior_meta.get("wall_seconds", 0.0)
     for task in args.tasks:
         loaded = load_fewshot_task(task, args.senteval_data)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.seeds):
             for shots in args.shots:
                 episode = make_episode(loaded, shots, seed, args.test_fraction, args.max_test)
                 meta["protocol"][loaded.name] = episode.protocol.replace(f"random_state={seed}", "random_state=seed")
