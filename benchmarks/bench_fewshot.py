@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import machine_probe, record_model, write_result  # noqa: E402
 from diffcse.core.io import write_text_atomic  # noqa: E402
+from senteval_runner import TRANSFER_TASKS  # noqa: E402
 
 # What the papers report (RoBERTa-large, few-shot SentEval transfer tasks), in accuracy points.
 CLAIMS = {
@@ -133,6 +134,9 @@ def merge_reports(base: dict, parts: list[tuple[str, dict]]) -> dict:
         meta["wall_seconds"] = meta.get("wall_seconds", 0.0) + other.get("wall_seconds", 0.0)
         meta["processes"] = meta.get("processes", 1) + other.get("processes", 1)
         complete = complete and bool(part.get("complete"))
+    # SentEval's order of the transfer tasks, as the papers' tables list them.
+    canon = {t: i for i, t in enumerate(TRANSFER_TASKS)}
+    meta["tasks"] = sorted(meta["tasks"], key=lambda t: canon.get(t, len(canon)))
     order = {t: i for i, t in enumerate(meta["tasks"])}
     merged = sorted(runs.values(), key=lambda r: (order.get(r["task"], len(order)), r["seed"], r["shots"]))
     rows = summarize(merged, meta["losses"])

@@ -51,7 +51,7 @@ def test_merge_keeps_every_run_and_computes_paired_differences(tmp_path: Path) -
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "part0.json").read_text())
     assert len(report["runs"]) == len(a["runs"]) + len(b["runs"])
-    assert report["meta"]["tasks"] == ["TREC", "MR", "MRPC"]
+    assert report["meta"]["tasks"] == ["MR", "TREC", "MRPC"]  # SentEval's order
     assert set(report["meta"]["protocol"]) == {"TREC", "MR", "MRPC"}
     assert report["meta"]["processes"] == 2 and report["meta"]["wall_seconds"] == 120.0
     assert "summed over 2 processes" in (tmp_path / "part0.md").read_text()
@@ -66,7 +66,7 @@ def test_merge_keeps_every_run_and_computes_paired_differences(tmp_path: Path) -
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     assert claim["episode_ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
     md = (tmp_path / "part0.md").read_text()
-    assert "| 8-shot | TREC | MR | MRPC | all tasks" in md
+    assert "| 8-shot | MR | TREC | MRPC | all tasks" in md
     d8 = np.array([100 * (v - acc[(t, k, "cce", s)]) for (t, k, loss, s), v in acc.items()
                    if loss == "cce+scal" and k == 8])
     half8 = stats.t.ppf(0.975, len(d8) - 1) * d8.std(ddof=1) / np.sqrt(len(d8))
