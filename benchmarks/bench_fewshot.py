@@ -119,7 +119,6 @@ def merge_reports(base: dict, parts: list[tuple[str, dict]]) -> dict:
     """
     meta = dict(base["meta"])
     runs = {run_key(r): r for r in base["runs"]}
-    complete = bool(base.get("complete"))
     for name, part in parts:
         other = part["meta"]
         differ = [k for k in GRID_SETTINGS if meta.get(k) != other.get(k)]
@@ -133,13 +132,16 @@ def merge_reports(base: dict, parts: list[tuple[str, dict]]) -> dict:
         meta["protocol"] = {**meta["protocol"], **other["protocol"]}
         meta["wall_seconds"] = meta.get("wall_seconds", 0.0) + other.get("wall_seconds", 0.0)
         meta["processes"] = meta.get("processes", 1) + other.get("processes", 1)
-        complete = complete and bool(part.get("complete"))
     # SentEval's order of the transfer tasks, as the papers' tables list them.
     canon = {t: i for i, t in enumerate(TRANSFER_TASKS)}
     meta["tasks"] = sorted(meta["tasks"], key=lambda t: canon.get(t, len(canon)))
     order = {t: i for i, t in enumerate(meta["tasks"])}
     merged = sorted(runs.values(), key=lambda r: (order.get(r["task"], len(order)), r["seed"], r["shots"]))
     rows = summarize(merged, meta["losses"])
+    # Complete when every run of the grid is there, whichever process (or --first-seed split) ran it.
+    grid = {(t, k, loss, s) for t in meta["tasks"] for k in meta["shots"] for loss in meta["losses"]
+            for s in range(meta["seeds"])}
+    complete = grid <= set(runs)
     return {"meta": meta, "summary": rows, "claims": verdicts(rows, merged), "runs": merged, "complete": complete}
 
 

@@ -53,6 +53,7 @@ def test_merge_keeps_every_run_and_computes_paired_differences(tmp_path: Path) -
     assert len(report["runs"]) == len(a["runs"]) + len(b["runs"])
     assert report["meta"]["tasks"] == ["MR", "TREC", "MRPC"]  # SentEval's order
     assert set(report["meta"]["protocol"]) == {"TREC", "MR", "MRPC"}
+    assert report["complete"] is True
     assert report["meta"]["processes"] == 2 and report["meta"]["wall_seconds"] == 120.0
     assert "summed over 2 processes" in (tmp_path / "part0.md").read_text()
 
@@ -90,3 +91,7 @@ def test_merge_refuses_a_run_that_disagrees(tmp_path: Path) -> None:
     assert "part1.json" in res.stderr and "another accuracy" in res.stderr
     # The same run twice (a resumed copy) is fine.
     assert merge(tmp_path, a, part(["TREC"], 0)).returncode == 0
+    # A grid with a seed missing is not complete.
+    a["runs"] = [r for r in a["runs"] if r["seed"] != 3]
+    assert merge(tmp_path, a, a).returncode == 0
+    assert json.loads((tmp_path / "part0.json").read_text())["complete"] is False
