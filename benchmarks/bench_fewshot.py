@@ -221,17 +221,12 @@ def verdicts(rows: list[dict], runs: list[dict]) -> dict:
     return out
 
 
-def t_interval_from(mean: float, std: float, n: int) -> tuple[float, float]:
-    """Two-sided 95% Student-t interval of a mean, from the sample's mean, std (ddof=1) and size."""
-    from scipy import stats
-
-    half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n))
-    return mean - half, mean + half
-
-
 def t_interval(d: np.ndarray) -> tuple[float, float]:
-    """Two-sided 95% Student-t interval of the mean of paired differences."""
-    return t_interval_from(float(d.mean()), float(d.std(ddof=1)), len(d))
+    """Two-sided 95% Student-t interval of the mean of paired differences (the experiment runner's statistics)."""
+    from diffcse.experiments.stats import paired_difference
+
+    res = paired_difference(dict(enumerate(d.tolist())), dict.fromkeys(range(len(d)), 0.0))
+    return res["ci_low"], res["ci_high"]
 
 
 def pivot(report: dict, shots: int) -> list[str]:
@@ -254,8 +249,9 @@ def pivot(report: dict, shots: int) -> list[str]:
                 out.append("")
                 continue
             text = f"{r['delta_vs_cce']:+.1f}"
-            if r["n_seeds"] > 1:
-                lo, hi = t_interval_from(r["delta_vs_cce"], r["delta_std"], r["n_seeds"])
+            seeds = paired_deltas([x for x in runs if x["task"] == t], loss)
+            if len(seeds) > 1:
+                lo, hi = t_interval(seeds)
                 text = f"**{text}**" if lo > 0 or hi < 0 else text
             out.append(text)
         d = paired_deltas(runs, loss)
