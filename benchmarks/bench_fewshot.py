@@ -106,6 +106,17 @@ GRID_SETTINGS = (
 )
 
 
+def read_report(path: Path) -> dict:
+    """A result file of this benchmark; a clear error naming the file when it is missing or not one."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--merge: cannot read {path}: {err}") from None
+    if not isinstance(report, dict) or not {"meta", "runs"} <= report.keys():
+        raise SystemExit(f"--merge: {path} is not a bench_fewshot result (no 'meta' and 'runs')")
+    return report
+
+
 def run_key(run: dict) -> tuple:
     """What identifies one fine-tuning run in a grid."""
     return run["task"], run["shots"], run["loss"], run["seed"]
@@ -317,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if args.merge:
-        parts = [(name, json.loads(Path(name).read_text())) for name in args.merge]
-        base = json.loads(out.read_text()) if out.exists() else parts.pop(0)[1]
+        parts = [(name, read_report(Path(name))) for name in args.merge]
+        base = read_report(out) if out.exists() else parts.pop(0)[1]
         report = merge_reports(base, parts)
         write_result(out, report)
         write_markdown(out, report)

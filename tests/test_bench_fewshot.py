@@ -39,10 +39,13 @@ def merge(tmp_path: Path, *parts: dict) -> subprocess.CompletedProcess:
     for i, p in enumerate(parts):
         names.append(tmp_path / f"part{i}.json")
         names[-1].write_text(json.dumps(p))
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_fewshot", "--out", str(names[0]), "--merge", *map(str, names[1:])],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+    return bench("--out", str(names[0]), "--merge", *map(str, names[1:]))
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    """Run the benchmark's command line from the repository root."""
+    return subprocess.run([sys.executable, "-m", "benchmarks.bench_fewshot", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_merge_keeps_every_run_and_computes_paired_differences(tmp_path: Path) -> None:
@@ -95,3 +98,14 @@ def test_merge_refuses_a_run_that_disagrees(tmp_path: Path) -> None:
     a["runs"] = [r for r in a["runs"] if r["seed"] != 3]
     assert merge(tmp_path, a, a).returncode == 0
     assert json.loads((tmp_path / "part0.json").read_text())["complete"] is False
+
+
+def test_merge_names_a_file_that_is_not_a_result(tmp_path: Path) -> None:
+    (tmp_path / "part0.json").write_text(json.dumps(part(["TREC"], 0)))
+    (tmp_path / "notes.json").write_text("{not json")
+    for name in ("notes.json", "missing.json"):
+        res = bench("--out", str(tmp_path / "part0.json"), "--merge", str(tmp_path / name))
+        assert res.returncode != 0 and name in res.stderr and "Traceback" not in res.stderr
+    (tmp_path / "other.json").write_text(json.dumps({"runs": []}))
+    res = bench("--out", str(tmp_path / "part0.json"), "--merge", str(tmp_path / "other.json"))
+    assert res.returncode != 0 and "not a bench_fewshot result" in res.stderr
